@@ -1,0 +1,1 @@
+"""Command-line clients of the key-management service: kmsctl, kms-backup, kms-restore."""
