@@ -187,6 +187,14 @@ def read_header(stream: BinaryIO) -> ParsedHeader:
     return ParsedHeader(header=header, raw=preamble + body, tag=tag)
 
 
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
 class ArchiveWriter:
     """A write-only file object that seals what is written into archive segments.
 
@@ -194,7 +202,7 @@ class ArchiveWriter:
     an archive that is not closed reads as truncated, never as complete.
     """
 
-    def __init__(self, dest: BinaryIO, header: ArchiveHeader, data_key: bytes) -> None:
+    def __init__(self, dest: Writable, header: ArchiveHeader, data_key: bytes) -> None:
         self._aead = _check_data_key(data_key)
         self._dest = dest
         self._segment_size = header.segment_size
@@ -244,10 +252,6 @@ class ArchiveWriter:
             self.close()
         else:
             self._closed = True
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
 
 
 def iter_plaintext(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterator[bytes]:
@@ -312,7 +316,7 @@ def iter_plaintext(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> I
         chunk = following
 
 
-def decrypt_to(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes, out: BinaryIO) -> int:
+def decrypt_to(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes, out: Writable) -> int:
     """Decrypt every segment into `out`; returns the plaintext size."""
     total = 0
     for plaintext in iter_plaintext(stream, parsed, data_key):
@@ -326,7 +330,7 @@ def verify(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> int:
     return sum(len(p) for p in iter_plaintext(stream, parsed, data_key))
 
 
-def copy_into(source: _Readable, writer: ArchiveWriter, chunk_size: int) -> None:
+def copy_into(source: Readable, writer: ArchiveWriter, chunk_size: int) -> None:
     """Stream `source` into `writer` in bounded chunks."""
     while chunk := source.read(chunk_size):
         writer.write(chunk)
