@@ -82,14 +82,20 @@ def add_connection_args(parser: argparse.ArgumentParser) -> None:
         help="file holding the bearer token (env KMS_TOKEN_FILE; or set KMS_TOKEN)",
     )
     group.add_argument(
-        "--ca", type=Path, default=os.environ.get("KMS_CA"), help="CA bundle; enables TLS"
+        "--ca",
+        type=Path,
+        default=os.environ.get("KMS_CA"),
+        help="CA bundle; enables TLS (env KMS_CA)",
     )
     group.add_argument(
-        "--cert", type=Path, default=os.environ.get("KMS_CERT"), help="client certificate (mTLS)"
+        "--cert",
+        type=Path,
+        default=os.environ.get("KMS_CERT"),
+        help="client certificate (mTLS; env KMS_CERT)",
     )
     group.add_argument(
-        "--key", dest="tls_key", type=Path, default=os.environ.get("KMS_KEY"),
-        help="client private key (mTLS)",
+        "--tls-key", dest="tls_key", type=Path, default=os.environ.get("KMS_KEY"),
+        help="client private key (mTLS; env KMS_KEY). Not --key: that names the KMS key",
     )  # fmt: skip
     group.add_argument(
         "--timeout",
@@ -122,9 +128,9 @@ def config_from_args(args: argparse.Namespace) -> ClientConfig:
     else:
         token = os.environ.get("KMS_TOKEN") or None
     if (args.cert is None) != (args.tls_key is None):
-        raise ConfigError("--cert and --key must be given together")
+        raise ConfigError("--cert and --tls-key must be given together")
     if args.cert is not None and args.ca is None:
-        raise ConfigError("--cert/--key need --ca: client certificates only work over TLS")
+        raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
     if args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
     if args.retries < 0:
