@@ -1,0 +1,1 @@
+"""The kms.v1 key-management server."""

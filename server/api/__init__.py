@@ -1,0 +1,1 @@
+"""The gRPC edge: translates between kms.v1 messages and the service layer."""

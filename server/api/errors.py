@@ -1,0 +1,27 @@
+"""The one place where domain errors become gRPC statuses (AIP-193 ErrorInfo included)."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.domain.errors import KmsError
+
+ERROR_DOMAIN = "kms.v1"
+
+
+def to_status(error: KmsError) -> grpc.Status:
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN))
+    code = getattr(code_pb2, error.status_name)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code, message=error.message, details=[info])
+    )
+    return status
+
+
+def abort(context: grpc.ServicerContext, error: KmsError) -> None:
+    """Ends the call with the error's status; raises, like context.abort."""
+    context.abort_with_status(to_status(error))

@@ -1,0 +1,273 @@
+"""The kms.v1 servicer: translates messages to service calls and domain errors to statuses."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kms.v1 import kms_pb2, kms_pb2_grpc
+from server.api.auth import CURRENT_PRINCIPAL
+from server.api.errors import abort
+from server.domain.errors import KmsError
+from server.domain.model import (
+    AuditEvent,
+    KeyVersionInfo,
+    Outcome,
+    Principal,
+    VersionOrigin,
+    VersionState,
+)
+from server.service import BackupKeyReference, KeyManagementService
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_STATE = {
+    VersionState.ENABLED: kms_pb2.KEY_VERSION_STATE_ENABLED,
+    VersionState.DISABLED: kms_pb2.KEY_VERSION_STATE_DISABLED,
+    VersionState.DESTROYED: kms_pb2.KEY_VERSION_STATE_DESTROYED,
+}
+_ORIGIN = {
+    VersionOrigin.GENERATED: kms_pb2.KEY_VERSION_ORIGIN_GENERATED,
+    VersionOrigin.IMPORTED: kms_pb2.KEY_VERSION_ORIGIN_IMPORTED,
+}
+_OUTCOME: dict[str, kms_pb2.AuditOutcome.ValueType] = {
+    Outcome.ALLOWED: kms_pb2.AUDIT_OUTCOME_ALLOWED,
+    Outcome.DENIED: kms_pb2.AUDIT_OUTCOME_DENIED,
+}
+
+
+class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
+    def __init__(self, service: KeyManagementService) -> None:
+        self._service = service
+
+    def RegisterKeyVersion(
+        self, request: kms_pb2.RegisterKeyVersionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.RegisterKeyVersionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.register_key_version(
+                caller,
+                request.key_name,
+                request.imported_material,
+                request.activate_first_version,
+            ),
+        )
+        return kms_pb2.RegisterKeyVersionResponse(key_version=_key_version(info))
+
+    def RotateActive(
+        self, request: kms_pb2.RotateActiveRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.RotateActiveResponse:
+        expected = (
+            request.expected_active_version
+            if request.HasField("expected_active_version")
+            else None
+        )
+        rotation = _call(
+            context,
+            lambda caller: self._service.rotate_active(
+                caller, request.key_name, request.to_version, expected, request.reason
+            ),
+        )
+        return kms_pb2.RotateActiveResponse(
+            from_version=rotation.from_version or 0,
+            to_version=rotation.to_version,
+            rotate_time=_timestamp(rotation.rotated_us),
+            audit_sequence=rotation.audit_sequence,
+        )
+
+    def GetActiveKey(
+        self, request: kms_pb2.GetActiveKeyRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.GetActiveKeyResponse:
+        key = _call(
+            context,
+            lambda caller: self._service.get_active_key(
+                caller, request.key_name, request.backup_id
+            ),
+        )
+        return kms_pb2.GetActiveKeyResponse(
+            backup_id=key.backup_id,
+            key_name=key.key_name,
+            version=key.version,
+            data_key=key.plaintext,
+            wrapped_data_key=key.wrapped,
+        )
+
+    def ResolveKeyForBackup(
+        self, request: kms_pb2.ResolveKeyForBackupRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ResolveKeyForBackupResponse:
+        recovery = None
+        if request.HasField("recovery"):
+            recovery = BackupKeyReference(
+                request.recovery.key_name,
+                request.recovery.version,
+                request.recovery.wrapped_data_key,
+            )
+        key = _call(
+            context,
+            lambda caller: self._service.resolve_key_for_backup(
+                caller, request.backup_id, recovery
+            ),
+        )
+        return kms_pb2.ResolveKeyForBackupResponse(
+            backup_id=key.backup_id,
+            key_name=key.key_name,
+            version=key.version,
+            data_key=key.plaintext,
+            recovered=key.recovered,
+        )
+
+    def GetKeyVersion(
+        self, request: kms_pb2.GetKeyVersionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.GetKeyVersionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.get_key_version(
+                caller, request.key_name, request.version
+            ),
+        )
+        return kms_pb2.GetKeyVersionResponse(key_version=_key_version(info))
+
+    def ListKeyVersions(
+        self, request: kms_pb2.ListKeyVersionsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ListKeyVersionsResponse:
+        infos = _call(
+            context, lambda caller: self._service.list_key_versions(caller, request.key_name)
+        )
+        return kms_pb2.ListKeyVersionsResponse(key_versions=[_key_version(i) for i in infos])
+
+    def ListKeys(
+        self, request: kms_pb2.ListKeysRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ListKeysResponse:
+        keys, next_token = _call(
+            context,
+            lambda caller: self._service.list_keys(
+                caller, request.page_size, request.page_token
+            ),
+        )
+        return kms_pb2.ListKeysResponse(
+            keys=[
+                kms_pb2.Key(
+                    name=key.name,
+                    active_version=key.active_version or 0,
+                    version_count=key.version_count,
+                    create_time=_timestamp(key.created_us),
+                )
+                for key in keys
+            ],
+            next_page_token=next_token,
+        )
+
+    def DisableKeyVersion(
+        self, request: kms_pb2.DisableKeyVersionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.DisableKeyVersionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.disable_key_version(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.DisableKeyVersionResponse(key_version=_key_version(info))
+
+    def EnableKeyVersion(
+        self, request: kms_pb2.EnableKeyVersionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.EnableKeyVersionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.enable_key_version(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.EnableKeyVersionResponse(key_version=_key_version(info))
+
+    def DestroyKeyVersion(
+        self, request: kms_pb2.DestroyKeyVersionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.DestroyKeyVersionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.destroy_key_version(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.DestroyKeyVersionResponse(key_version=_key_version(info))
+
+    def ListAuditEvents(
+        self, request: kms_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ListAuditEventsResponse:
+        events, next_token = _call(
+            context,
+            lambda caller: self._service.list_audit_events(
+                caller, request.page_size, request.page_token, request.key_name
+            ),
+        )
+        return kms_pb2.ListAuditEventsResponse(
+            events=[_audit_event(e) for e in events], next_page_token=next_token
+        )
+
+    def VerifyAuditLog(
+        self, request: kms_pb2.VerifyAuditLogRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.VerifyAuditLogResponse:
+        result = _call(context, self._service.verify_audit_log)
+        return kms_pb2.VerifyAuditLogResponse(
+            intact=result.intact,
+            events_checked=result.events_checked,
+            first_broken_sequence=result.first_broken_sequence,
+            problem=result.problem,
+            head_hash=result.head_hash,
+        )
+
+
+def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> T:
+    """Runs a use case as the authenticated caller; domain errors end the call with their status."""
+    try:
+        return use_case(CURRENT_PRINCIPAL.get())
+    except KmsError as error:
+        if error.status_name == "DATA_LOSS":
+            log.error("integrity failure: %s (%s)", error.message, error.reason)
+        abort(context, error)
+        raise AssertionError("abort returned") from None
+
+
+def _timestamp(us: int) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromMicroseconds(us)
+    return stamp
+
+
+def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
+    message = kms_pb2.KeyVersion(
+        key_name=info.key_name,
+        version=info.version,
+        state=_STATE[info.state],
+        active=info.active,
+        origin=_ORIGIN[info.origin],
+        create_time=_timestamp(info.created_us),
+    )
+    if info.destroyed_us is not None:
+        message.destroy_time.CopyFrom(_timestamp(info.destroyed_us))
+    return message
+
+
+def _audit_event(event: AuditEvent) -> kms_pb2.AuditEvent:
+    return kms_pb2.AuditEvent(
+        sequence=event.sequence,
+        time=_timestamp(event.time_us),
+        actor=event.actor,
+        action=event.action,
+        outcome=_OUTCOME.get(event.outcome, kms_pb2.AUDIT_OUTCOME_UNSPECIFIED),
+        status_code=event.status_code,
+        key_name=event.key_name,
+        version=event.version,
+        from_version=event.from_version,
+        to_version=event.to_version,
+        backup_id=event.backup_id,
+        reason=event.reason,
+        detail=event.detail,
+        previous_hash=event.previous_hash,
+        event_hash=event.event_hash,
+    )

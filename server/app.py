@@ -1,0 +1,116 @@
+"""Builds the running server from settings: `create_server(settings) -> KmsServer`."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+
+from kms.v1 import kms_pb2, kms_pb2_grpc
+from server.api.auth import AuthInterceptor, PolicyHolder
+from server.api.methods import SERVICE_NAME
+from server.api.servicer import KeyManagementServicer
+from server.config import ServerSettings
+from server.crypto import RootKey
+from server.db import migrate
+from server.db.engine import make_engine, make_sessionmaker
+from server.policy import Policy
+from server.service import KeyManagementService
+
+log = logging.getLogger(__name__)
+
+# A KMS request is tiny; anything bigger is refused before it is parsed.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+@dataclass
+class KmsServer:
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    engine: Engine
+    policy: PolicyHolder
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Reports NOT_SERVING first, then lets in-flight calls finish within the grace period."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_seconds).wait()
+        self.engine.dispose()
+
+
+def open_database(settings: ServerSettings, *, upgrade: bool) -> Engine:
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    current, head = migrate.pending(engine)
+    if current != head:
+        if not upgrade:
+            engine.dispose()
+            raise StartupError(
+                f"the database schema is at revision {current or 'none'} but this server needs "
+                f"{head}; run: kms-server migrate (with the same --database-url / --data-dir)"
+            )
+        migrate.upgrade(engine)
+    return engine
+
+
+def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> KmsServer:
+    root_key = RootKey.load(settings.root_key_file)
+    policy = PolicyHolder(Policy.load(settings.policy_file))
+    engine = open_database(settings, upgrade=upgrade_schema)
+    try:
+        service = KeyManagementService(make_sessionmaker(engine), root_key)
+        service.check_root_key()
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers),
+            interceptors=[AuthInterceptor(policy, service.record_denial)],
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        )
+        kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
+            KeyManagementServicer(service), server
+        )
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                kms_pb2.DESCRIPTOR.services_by_name["KeyManagementService"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = _bind(server, settings)
+        server.start()
+    except BaseException:
+        engine.dispose()
+        raise
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return KmsServer(server, port, health_servicer, engine, policy)
+
+
+def _bind(server: grpc.Server, settings: ServerSettings) -> int:
+    try:
+        if settings.uses_tls:
+            assert settings.tls_cert is not None and settings.tls_key is not None
+            client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = server.add_secure_port(settings.listen, credentials)
+        else:
+            port = server.add_insecure_port(settings.listen)
+    except (OSError, RuntimeError) as error:
+        raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {settings.listen}")
+    return port

@@ -1,0 +1,168 @@
+"""Server settings: a frozen dataclass loaded from flags and `KMS_*` environment variables.
+
+Flags win over the environment. Nothing happens at import time; loading only
+parses and checks, and names the setting when something is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str
+    data_dir: Path
+    database_url: str
+    root_key_file: Path
+    policy_file: Path
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None
+    insecure: bool
+    dev: bool
+    max_workers: int
+    db_pool_size: int
+    ready_file: Path | None
+    log_level: str
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+# (flag, environment variable, help) for every setting; the README lists the same.
+_SETTINGS: list[tuple[str, str, str]] = [
+    ("--listen", "KMS_LISTEN", f"host:port to listen on (default {DEFAULT_LISTEN})"),
+    ("--data-dir", "KMS_DATA_DIR", "directory for the embedded database and dev-mode files"),
+    ("--database-url", "KMS_DATABASE_URL", "SQLAlchemy URL (default: SQLite in --data-dir)"),
+    ("--root-key-file", "KMS_ROOT_KEY_FILE", "32-byte root key file (default DATA_DIR/root.key)"),
+    ("--policy-file", "KMS_POLICY_FILE", "principals and roles, TOML (default DATA_DIR/policy.toml)"),
+    ("--tls-cert", "KMS_TLS_CERT", "server certificate chain (PEM)"),
+    ("--tls-key", "KMS_TLS_KEY", "server private key (PEM)"),
+    ("--tls-client-ca", "KMS_TLS_CLIENT_CA", "CA bundle for client certificates (mutual TLS)"),
+    ("--max-workers", "KMS_MAX_WORKERS", "threads serving calls (default 16)"),
+    ("--db-pool-size", "KMS_DB_POOL_SIZE", "database connections per process (default 10)"),
+    ("--ready-file", "KMS_READY_FILE", "write the bound host:port here once serving"),
+    ("--log-level", "KMS_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+]
+_FLAGS = [("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
+          ("--dev", "KMS_DEV", "first-run mode: create a root key, policy and tokens")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for flag, env, text in _SETTINGS:
+        parser.add_argument(flag, help=f"{text} [{env}]")
+    for flag, env, text in _FLAGS:
+        parser.add_argument(flag, action="store_true", default=None, help=f"{text} [{env}]")
+
+
+def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings:
+    def value(flag: str, env: str) -> str | None:
+        given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        return given if given is not None else environ.get(env)
+
+    def switch(flag: str, env: str) -> bool:
+        given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if given:
+            return True
+        raw = environ.get(env, "").lower()
+        if raw not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise ConfigError(f"{env} must be true or false, not {raw!r}")
+        return raw in ("1", "true", "yes")
+
+    def number(flag: str, env: str, default: int) -> int:
+        raw = value(flag, env)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) < 1:
+            raise ConfigError(f"{flag} / {env} must be a positive whole number, not {raw!r}")
+        return int(raw)
+
+    def path(flag: str, env: str) -> Path | None:
+        raw = value(flag, env)
+        return Path(raw) if raw else None
+
+    dev = switch("--dev", "KMS_DEV")
+    data_dir = path("--data-dir", "KMS_DATA_DIR")
+    database_url = value("--database-url", "KMS_DATABASE_URL")
+    if data_dir is None and (dev or not database_url):
+        raise ConfigError("--data-dir / KMS_DATA_DIR is required (or give --database-url)")
+    data_dir = data_dir or Path(".")
+    if not database_url:
+        database_url = f"sqlite+pysqlite:///{(data_dir / 'kms.sqlite3').resolve()}"
+    tls_cert, tls_key = path("--tls-cert", "KMS_TLS_CERT"), path("--tls-key", "KMS_TLS_KEY")
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    settings = ServerSettings(
+        listen=value("--listen", "KMS_LISTEN") or DEFAULT_LISTEN,
+        data_dir=data_dir,
+        database_url=database_url,
+        root_key_file=path("--root-key-file", "KMS_ROOT_KEY_FILE") or data_dir / "root.key",
+        policy_file=path("--policy-file", "KMS_POLICY_FILE") or data_dir / "policy.toml",
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=path("--tls-client-ca", "KMS_TLS_CLIENT_CA"),
+        insecure=switch("--insecure", "KMS_INSECURE") or dev,
+        dev=dev,
+        max_workers=number("--max-workers", "KMS_MAX_WORKERS", 16),
+        db_pool_size=number("--db-pool-size", "KMS_DB_POOL_SIZE", 10),
+        ready_file=path("--ready-file", "KMS_READY_FILE"),
+        log_level=(value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper(),
+    )
+    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    check_transport(settings)
+    return settings
+
+
+def listen_host(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"--listen / KMS_LISTEN must be host:port, not {listen!r}")
+    return host.strip("[]")
+
+
+def check_transport(settings: ServerSettings) -> None:
+    """Plaintext only when asked for, and only on a loopback address."""
+    if settings.tls_client_ca is not None and not settings.uses_tls:
+        raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    if settings.uses_tls:
+        return
+    host = listen_host(settings.listen)
+    if not settings.insecure:
+        raise ConfigError(
+            "refusing to serve without TLS: give --tls-cert and --tls-key, or --insecure "
+            "to allow plaintext on a loopback address"
+        )
+    if not _is_loopback(host):
+        raise ConfigError(
+            f"refusing plaintext on {host}: without TLS the server listens only on a "
+            "loopback address (127.0.0.1, ::1 or localhost)"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServerSettings:
+    parser = argparse.ArgumentParser(prog="kms-server")
+    add_arguments(parser)
+    return load(parser.parse_args(argv), os.environ if environ is None else environ)

@@ -1,0 +1,134 @@
+"""Envelope encryption: the root key wraps version material, version material wraps data keys.
+
+Every blob is `format byte || 12-byte random nonce || AES-256-GCM ciphertext+tag`,
+and its associated data names exactly what the blob belongs to, so a blob
+copied onto another row, key, version or backup fails to unwrap.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from server.domain.errors import IntegrityFailure
+from server.domain.model import KEY_MATERIAL_BYTES
+
+BLOB_FORMAT = b"\x01"
+NONCE_BYTES = 12
+_ROOT_CHECK_AAD = b"kms.v1/root-key-check"
+
+
+class RootKeyError(Exception):
+    """The root key file is missing, malformed or does not match the database."""
+
+
+def _associated_data(purpose: str, *parts: str | int) -> bytes:
+    """Length-prefixed, so no two different part lists encode alike."""
+    out = bytearray(b"kms.v1/" + purpose.encode())
+    for part in parts:
+        encoded = str(part).encode()
+        out += struct.pack(">I", len(encoded)) + encoded
+    return bytes(out)
+
+
+def _seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return BLOB_FORMAT + nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
+
+
+def _open(key: bytes, blob: bytes, associated_data: bytes, what: str) -> bytes:
+    if len(blob) < 1 + NONCE_BYTES + 16 or blob[:1] != BLOB_FORMAT:
+        raise IntegrityFailure("WRAPPED_BLOB_MALFORMED", f"{what} is malformed")
+    nonce, sealed = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, associated_data)
+    except InvalidTag:
+        raise IntegrityFailure(
+            "WRAPPED_BLOB_INTEGRITY", f"{what} failed its integrity check"
+        ) from None
+
+
+def new_key_material() -> bytes:
+    return os.urandom(KEY_MATERIAL_BYTES)
+
+
+class RootKey:
+    """The key-encryption key that lives outside the database."""
+
+    def __init__(self, material: bytes) -> None:
+        if len(material) != KEY_MATERIAL_BYTES:
+            raise RootKeyError(f"a root key is {KEY_MATERIAL_BYTES} bytes, not {len(material)}")
+        self._material = material
+
+    def __repr__(self) -> str:
+        return "RootKey(<hidden>)"
+
+    @classmethod
+    def load(cls, path: Path) -> RootKey:
+        try:
+            mode = path.stat().st_mode
+            material = path.read_bytes()
+        except OSError as error:
+            raise RootKeyError(f"cannot read root key file {path}: {error.strerror}") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise RootKeyError(
+                f"root key file {path} is readable by others; run: chmod 600 {path}"
+            )
+        if len(material) != KEY_MATERIAL_BYTES:
+            raise RootKeyError(
+                f"root key file {path} must hold exactly {KEY_MATERIAL_BYTES} raw bytes"
+            )
+        return cls(material)
+
+    @staticmethod
+    def create(path: Path) -> None:
+        """Writes a new random root key, readable by its owner only; never overwrites."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(new_key_material())
+
+    def check_value(self) -> bytes:
+        """A value stored in the database at its first start to recognise this root key."""
+        return _seal(self._material, b"", _ROOT_CHECK_AAD)
+
+    def matches(self, check_value: bytes) -> bool:
+        try:
+            _open(self._material, check_value, _ROOT_CHECK_AAD, "root key check value")
+        except IntegrityFailure:
+            return False
+        return True
+
+    def wrap_version_material(self, key_name: str, version: int, material: bytes) -> bytes:
+        return _seal(self._material, material, _associated_data("version", key_name, version))
+
+    def unwrap_version_material(self, key_name: str, version: int, blob: bytes) -> bytes:
+        return _open(
+            self._material,
+            blob,
+            _associated_data("version", key_name, version),
+            f"the wrapped material of {key_name} version {version}",
+        )
+
+
+def wrap_data_key(
+    version_material: bytes, backup_id: str, key_name: str, version: int, data_key: bytes
+) -> bytes:
+    return _seal(
+        version_material, data_key, _associated_data("data-key", backup_id, key_name, version)
+    )
+
+
+def unwrap_data_key(
+    version_material: bytes, backup_id: str, key_name: str, version: int, blob: bytes
+) -> bytes:
+    return _open(
+        version_material,
+        blob,
+        _associated_data("data-key", backup_id, key_name, version),
+        f"the wrapped data key of backup {backup_id}",
+    )

@@ -1,0 +1,1 @@
+"""Persistence: typed models, the engine, the repository and the migrations."""

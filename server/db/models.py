@@ -1,0 +1,142 @@
+"""The schema. Alembic migrations in `server/db/migrations` create and change it.
+
+Times are integer microseconds since the epoch (UTC), so audit hashes are
+computed over exactly the same values on every backend.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class KeyRow(Base):
+    """A named key. `active_version` is one column, so a key has at most one active version."""
+
+    __tablename__ = "keys"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    active_version: Mapped[int | None] = mapped_column(Integer)
+    last_version: Mapped[int] = mapped_column(Integer)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["name", "active_version"],
+            ["key_versions.key_name", "key_versions.version"],
+            name="fk_keys_active_version",
+            use_alter=True,
+        ),
+        CheckConstraint("active_version IS NULL OR active_version <= last_version", "active"),
+    )
+
+
+class KeyVersionRow(Base):
+    __tablename__ = "key_versions"
+
+    key_name: Mapped[str] = mapped_column(ForeignKey("keys.name"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    origin: Mapped[str] = mapped_column(String(16))
+    # Erased (NULL) exactly when the version is destroyed: crypto-shredding.
+    wrapped_material: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    destroyed_us: Mapped[int | None] = mapped_column(BigInteger)
+
+    __table_args__ = (
+        CheckConstraint("state IN ('enabled', 'disabled', 'destroyed')", "state"),
+        CheckConstraint("origin IN ('generated', 'imported')", "origin"),
+        CheckConstraint(
+            "(state = 'destroyed') = (wrapped_material IS NULL)", "destroyed_means_erased"
+        ),
+        CheckConstraint("version >= 1", "version_positive"),
+    )
+
+
+class BackupBindingRow(Base):
+    """Which key version a backup was made with, and its data key wrapped under that version."""
+
+    __tablename__ = "backup_bindings"
+
+    backup_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key_name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    wrapped_data_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["key_name", "version"], ["key_versions.key_name", "key_versions.version"]
+        ),
+        Index(None, "key_name", "version"),
+    )
+
+
+class AuditEventRow(Base):
+    """Append-only (database triggers refuse UPDATE and DELETE); hash-chained."""
+
+    __tablename__ = "audit_events"
+
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    time_us: Mapped[int] = mapped_column(BigInteger)
+    actor: Mapped[str] = mapped_column(String(256))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    status_code: Mapped[str] = mapped_column(String(32))
+    key_name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(Integer)
+    from_version: Mapped[int] = mapped_column(Integer)
+    to_version: Mapped[int] = mapped_column(Integer)
+    backup_id: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    detail: Mapped[str] = mapped_column(Text)
+    previous_hash: Mapped[str] = mapped_column(String(64))
+    event_hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (Index(None, "key_name", "sequence"),)
+
+
+class AuditHeadRow(Base):
+    """The single row naming the newest audit event; writers lock it to append in one line."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    event_hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (CheckConstraint("id = 1", "single_row"),)
+
+
+class ServerMetaRow(Base):
+    """Facts about the deployment, such as the check value of the root key."""
+
+    __tablename__ = "server_meta"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,195 @@
+"""The vocabulary of the service: roles, actions, states and the values use cases return."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+
+from server.domain.errors import InvalidArgument
+
+KEY_MATERIAL_BYTES = 32  # AES-256
+MAX_NAME_LENGTH = 128
+MAX_REASON_LENGTH = 1024
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+BACKUP_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    BACKUP = "backup"
+    RESTORE = "restore"
+    AUDITOR = "auditor"
+
+
+class Action(enum.StrEnum):
+    """What an audit event records was attempted."""
+
+    REGISTER_VERSION = "key_version.register"
+    ROTATE = "key.rotate"
+    ISSUE_DATA_KEY = "data_key.issue"
+    RESOLVE_DATA_KEY = "data_key.resolve"
+    RECOVER_BINDING = "data_key.recover_binding"
+    GET_VERSION = "key_version.get"
+    LIST_VERSIONS = "key_version.list"
+    LIST_KEYS = "key.list"
+    DISABLE_VERSION = "key_version.disable"
+    ENABLE_VERSION = "key_version.enable"
+    DESTROY_VERSION = "key_version.destroy"
+    LIST_AUDIT = "audit.list"
+    VERIFY_AUDIT = "audit.verify"
+
+
+class VersionState(enum.StrEnum):
+    ENABLED = "enabled"
+    DISABLED = "disabled"
+    DESTROYED = "destroyed"
+
+
+class VersionOrigin(enum.StrEnum):
+    GENERATED = "generated"
+    IMPORTED = "imported"
+
+
+class Outcome(enum.StrEnum):
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    roles: frozenset[Role]
+
+
+@dataclass(frozen=True)
+class KeyVersionInfo:
+    key_name: str
+    version: int
+    state: VersionState
+    active: bool
+    origin: VersionOrigin
+    created_us: int
+    destroyed_us: int | None
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    name: str
+    active_version: int | None
+    version_count: int
+    created_us: int
+
+
+@dataclass(frozen=True)
+class Rotation:
+    from_version: int | None
+    to_version: int
+    rotated_us: int
+    audit_sequence: int
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A backup's data key: handed out by GetActiveKey and ResolveKeyForBackup only."""
+
+    backup_id: str
+    key_name: str
+    version: int
+    plaintext: bytes
+    wrapped: bytes
+    recovered: bool = False
+
+    def __repr__(self) -> str:  # never let a data key reach a log through repr()
+        return f"DataKey(backup_id={self.backup_id!r}, key={self.key_name!r}, v{self.version})"
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    sequence: int
+    time_us: int
+    actor: str
+    action: str
+    outcome: str
+    status_code: str
+    key_name: str
+    version: int
+    from_version: int
+    to_version: int
+    backup_id: str
+    reason: str
+    detail: str
+    previous_hash: str
+    event_hash: str
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    intact: bool
+    events_checked: int
+    first_broken_sequence: int
+    problem: str
+    head_hash: str
+
+
+def check_key_name(key_name: str) -> str:
+    if not key_name:
+        raise InvalidArgument("KEY_NAME_MISSING", "key_name is required")
+    if KEY_NAME_PATTERN.fullmatch(key_name) is None:
+        raise InvalidArgument(
+            "KEY_NAME_INVALID",
+            f"key_name must be 1 to {MAX_NAME_LENGTH} characters from A-Z a-z 0-9 . _ - "
+            "starting with a letter or digit",
+        )
+    return key_name
+
+
+def check_backup_id(backup_id: str) -> str:
+    if not backup_id:
+        raise InvalidArgument("BACKUP_ID_MISSING", "backup_id is required")
+    if BACKUP_ID_PATTERN.fullmatch(backup_id) is None:
+        raise InvalidArgument(
+            "BACKUP_ID_INVALID",
+            f"backup_id must be 1 to {MAX_NAME_LENGTH} characters from A-Z a-z 0-9 . _ : - "
+            "starting with a letter or digit",
+        )
+    return backup_id
+
+
+def check_version(version: int, field: str = "version") -> int:
+    if version < 1:
+        raise InvalidArgument("VERSION_INVALID", f"{field} must be at least 1")
+    return version
+
+
+def check_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument(
+            "REASON_TOO_LONG", f"reason must be at most {MAX_REASON_LENGTH} characters"
+        )
+    if any(ord(c) < 32 and c not in "\t" for c in reason):
+        raise InvalidArgument("REASON_INVALID", "reason must not contain control characters")
+    return reason
+
+
+def check_page_size(page_size: int) -> int:
+    if page_size == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(page_size, MAX_PAGE_SIZE)
+
+
+def check_page_token(page_token: str) -> int:
+    """Page tokens are the last position of the previous page, as a decimal string."""
+    if not page_token:
+        return 0
+    if not page_token.isdigit() or len(page_token) > 20:
+        raise InvalidArgument("PAGE_TOKEN_INVALID", "page_token is not one this server issued")
+    return int(page_token)

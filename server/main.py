@@ -1,0 +1,88 @@
+"""`kms-server`: serve, or `kms-server migrate` to upgrade the database schema."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from server import config, devmode
+from server.app import StartupError, create_server, open_database
+from server.crypto import RootKeyError
+from server.policy import PolicyError
+
+log = logging.getLogger("kms-server")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = "migrate" if args[:1] == ["migrate"] else "serve"
+    if command == "migrate":
+        args = args[1:]
+    parser = argparse.ArgumentParser(
+        prog="kms-server" if command == "serve" else "kms-server migrate",
+        description="The kms.v1 key-management server. `kms-server migrate` upgrades the "
+        "database schema and exits.",
+    )
+    config.add_arguments(parser)
+    try:
+        settings = config.load(parser.parse_args(args), os.environ)
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        if command == "migrate":
+            open_database(settings, upgrade=True).dispose()
+            print("the database schema is up to date")
+            return 0
+        return _serve(settings)
+    except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
+        print(f"kms-server: {error}", file=sys.stderr)
+        return 2
+
+
+def _serve(settings: config.ServerSettings) -> int:
+    if settings.dev:
+        token_files = devmode.bootstrap(settings)
+        print(f"dev mode: data directory {settings.data_dir}", flush=True)
+        print(f"dev mode: root key {settings.root_key_file}", flush=True)
+        for path in token_files:
+            print(f"dev mode: {path.name} token in {path}", flush=True)
+    # The embedded default and dev mode upgrade their own schema; a shared
+    # production database is migrated deliberately with `kms-server migrate`.
+    embedded = settings.database_url.startswith("sqlite")
+    running = create_server(settings, upgrade_schema=settings.dev or embedded)
+    host = config.listen_host(settings.listen)
+    address = f"{host}:{running.port}" if ":" not in host else f"[{host}]:{running.port}"
+    log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
+    print(f"kms-server listening on {address}", flush=True)
+    if settings.ready_file:
+        _write_atomically(settings.ready_file, address)
+
+    stopping = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    stopping.wait()
+    running.stop()
+    log.info("stopped")
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""The use cases of the key-management service, one database transaction each.
+
+Every use case checks the caller's role first (permission before existence),
+then does its work and appends its audit event in the same transaction, so a
+state change and its audit record commit together or not at all. A refused
+call is rolled back and then audited as denied in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from server import crypto
+from server.db.models import BackupBindingRow, KeyRow, KeyVersionRow
+from server.db.repository import Repository, audit_event_from_row
+from server.domain import model
+from server.domain.audit_chain import verify_chain
+from server.domain.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    IntegrityFailure,
+    InvalidArgument,
+    KmsError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from server.domain.model import (
+    Action,
+    AuditEvent,
+    AuditVerification,
+    DataKey,
+    KeyInfo,
+    KeyVersionInfo,
+    Outcome,
+    Principal,
+    Role,
+    Rotation,
+    VersionOrigin,
+    VersionState,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ROOT_KEY_CHECK = "root_key_check"
+# PostgreSQL SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
+RETRYABLE_SQLSTATES = {"40001", "40P01"}
+MAX_ATTEMPTS = 5
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass
+class AuditContext:
+    """What the audit event of a call says about its subject; filled in as the call learns it."""
+
+    key_name: str = ""
+    version: int = 0
+    from_version: int = 0
+    to_version: int = 0
+    backup_id: str = ""
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class BackupKeyReference:
+    """What an archive header says about its key, offered for binding recovery."""
+
+    key_name: str
+    version: int
+    wrapped_data_key: bytes
+
+
+class KeyManagementService:
+    def __init__(self, sessions: sessionmaker[Session], root_key: crypto.RootKey) -> None:
+        self._sessions = sessions
+        self._root_key = root_key
+
+    # Start-up
+
+    def check_root_key(self) -> None:
+        """Records the root key's check value on first start; refuses a different root key later."""
+        with self._sessions.begin() as session:
+            repo = Repository(session)
+            stored = repo.get_meta(ROOT_KEY_CHECK)
+            if stored is None:
+                repo.set_meta(ROOT_KEY_CHECK, self._root_key.check_value())
+            elif not self._root_key.matches(stored):
+                raise crypto.RootKeyError(
+                    "the root key does not match this database: it was initialised with a "
+                    "different root key (check --root-key-file / KMS_ROOT_KEY_FILE)"
+                )
+
+    # Use cases
+
+    def register_key_version(
+        self,
+        caller: Principal,
+        key_name: str,
+        imported_material: bytes,
+        activate_first_version: bool,
+    ) -> KeyVersionInfo:
+        audit = AuditContext(key_name=key_name)
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            _require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            if imported_material and len(imported_material) != model.KEY_MATERIAL_BYTES:
+                raise InvalidArgument(
+                    "MATERIAL_LENGTH",
+                    f"imported_material must be exactly {model.KEY_MATERIAL_BYTES} bytes, "
+                    f"not {len(imported_material)}",
+                )
+            created = now_us()
+            key = repo.get_key(key_name, for_update=True) or repo.add_key(key_name, created)
+            version = key.last_version + 1
+            audit.version = version
+            if activate_first_version and version != 1:
+                raise FailedPrecondition(
+                    "ACTIVATE_ONLY_FIRST_VERSION",
+                    f"activate_first_version applies only to a key's first version; key "
+                    f"{key_name} already has versions, so promote version {version} with "
+                    "RotateActive after registering it",
+                )
+            origin = VersionOrigin.IMPORTED if imported_material else VersionOrigin.GENERATED
+            material = imported_material or crypto.new_key_material()
+            row = KeyVersionRow(
+                key_name=key_name,
+                version=version,
+                state=VersionState.ENABLED,
+                origin=origin,
+                wrapped_material=self._root_key.wrap_version_material(
+                    key_name, version, material
+                ),
+                created_us=created,
+                destroyed_us=None,
+            )
+            repo.add_version(row)
+            key.last_version = version
+            if activate_first_version:
+                key.active_version = version
+                audit.to_version = version
+            audit.detail = f"origin={origin}" + (", activated" if activate_first_version else "")
+            repo.flush()
+            return _version_info(row, key.active_version)
+
+        return self._run(caller.name, Action.REGISTER_VERSION, audit, work)
+
+    def rotate_active(
+        self,
+        caller: Principal,
+        key_name: str,
+        to_version: int,
+        expected_active_version: int | None,
+        reason: str,
+    ) -> Rotation:
+        audit = AuditContext(key_name=key_name, to_version=to_version, reason=reason[:1024])
+
+        def work(repo: Repository) -> Rotation:
+            _require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(to_version, "to_version")
+            model.check_reason(reason)
+            key = _existing_key(repo, key_name, for_update=True)
+            current = key.active_version or 0
+            audit.from_version = current
+            target = repo.get_version(key_name, to_version, for_update=True)
+            if target is None:
+                raise NotFound(
+                    "KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {to_version}"
+                )
+            if expected_active_version is not None and expected_active_version != current:
+                raise Aborted(
+                    "ACTIVE_VERSION_CHANGED",
+                    f"the active version of {key_name} is {current}, not the expected "
+                    f"{expected_active_version}; nothing was changed",
+                )
+            _require_usable(target, f"cannot make {key_name} version {to_version} active")
+            if current == to_version:
+                raise FailedPrecondition(
+                    "ALREADY_ACTIVE", f"{key_name} version {to_version} is already active"
+                )
+            key.active_version = to_version
+            rotated = now_us()
+            event = repo.append_audit(
+                time_us=rotated,
+                actor=caller.name,
+                action=Action.ROTATE,
+                outcome=Outcome.ALLOWED,
+                status_code="OK",
+                **asdict(audit),
+            )
+            return Rotation(current or None, to_version, rotated, event.sequence)
+
+        return self._run(caller.name, Action.ROTATE, audit, work, audit_on_success=False)
+
+    def get_active_key(self, caller: Principal, key_name: str, backup_id: str) -> DataKey:
+        audit = AuditContext(key_name=key_name, backup_id=backup_id)
+
+        def work(repo: Repository) -> DataKey:
+            _require(caller, Role.BACKUP)
+            model.check_key_name(key_name)
+            model.check_backup_id(backup_id)
+            binding = repo.get_binding(backup_id)
+            if binding is not None:
+                if binding.key_name != key_name:
+                    raise AlreadyExists(
+                        "BACKUP_ID_IN_USE",
+                        f"backup id {backup_id} is already bound to another key",
+                    )
+                audit.version = binding.version
+                audit.detail = "repeated request: returned the existing binding"
+                return self._data_key_from_binding(repo, binding)
+            key = _existing_key(repo, key_name)
+            if key.active_version is None:
+                raise FailedPrecondition(
+                    "NO_ACTIVE_VERSION",
+                    f"key {key_name} has no active version; activate one with RotateActive",
+                )
+            version = key.active_version
+            audit.version = version
+            material = self._usable_material(repo, key_name, version)
+            data_key = crypto.new_key_material()
+            wrapped = crypto.wrap_data_key(material, backup_id, key_name, version, data_key)
+            repo.add_binding(
+                BackupBindingRow(
+                    backup_id=backup_id,
+                    key_name=key_name,
+                    version=version,
+                    wrapped_data_key=wrapped,
+                    created_us=now_us(),
+                    recovered=False,
+                )
+            )
+            return DataKey(backup_id, key_name, version, data_key, wrapped)
+
+        return self._run(caller.name, Action.ISSUE_DATA_KEY, audit, work)
+
+    def resolve_key_for_backup(
+        self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
+    ) -> DataKey:
+        audit = AuditContext(backup_id=backup_id)
+        action = Action.RESOLVE_DATA_KEY
+
+        def work(repo: Repository) -> DataKey:
+            nonlocal action
+            _require(caller, Role.RESTORE)
+            model.check_backup_id(backup_id)
+            binding = repo.get_binding(backup_id)
+            if binding is None and recovery is None:
+                raise NotFound("BACKUP_NOT_FOUND", f"no key is bound to backup {backup_id}")
+            if binding is None:
+                assert recovery is not None
+                action = Action.RECOVER_BINDING
+                return self._recover_binding(repo, backup_id, recovery, audit)
+            audit.key_name, audit.version = binding.key_name, binding.version
+            return self._data_key_from_binding(repo, binding)
+
+        # The action is known only once the binding is looked up: resolve or recover.
+        return self._run(caller.name, action, audit, work, action_of=lambda: action)
+
+    def get_key_version(self, caller: Principal, key_name: str, version: int) -> KeyVersionInfo:
+        audit = AuditContext(key_name=key_name, version=version)
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            _require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(version)
+            key = _existing_key(repo, key_name)
+            return _version_info(_existing_version(repo, key_name, version), key.active_version)
+
+        return self._run(caller.name, Action.GET_VERSION, audit, work)
+
+    def list_key_versions(self, caller: Principal, key_name: str) -> list[KeyVersionInfo]:
+        audit = AuditContext(key_name=key_name)
+
+        def work(repo: Repository) -> list[KeyVersionInfo]:
+            _require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            key = _existing_key(repo, key_name)
+            return [_version_info(row, key.active_version) for row in repo.list_versions(key_name)]
+
+        return self._run(caller.name, Action.LIST_VERSIONS, audit, work)
+
+    def list_keys(
+        self, caller: Principal, page_size: int, page_token: str
+    ) -> tuple[list[KeyInfo], str]:
+        def work(repo: Repository) -> tuple[list[KeyInfo], str]:
+            _require(caller, Role.ADMIN)
+            limit = model.check_page_size(page_size)
+            after = _decode_name_token(page_token)
+            rows = repo.list_keys(after, limit + 1)
+            keys = [
+                KeyInfo(row.name, row.active_version, count, row.created_us)
+                for row, count in rows[:limit]
+            ]
+            next_token = keys[-1].name.encode().hex() if len(rows) > limit else ""
+            return keys, next_token
+
+        return self._run(caller.name, Action.LIST_KEYS, AuditContext(), work)
+
+    def disable_key_version(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        def change(row: KeyVersionRow, active: int | None) -> None:
+            if row.state == VersionState.DISABLED:
+                raise FailedPrecondition(
+                    "ALREADY_DISABLED", f"{key_name} version {version} is already disabled"
+                )
+            _refuse_if_active_or_destroyed(row, active, "disable")
+            row.state = VersionState.DISABLED
+
+        return self._change_version(
+            caller, Action.DISABLE_VERSION, key_name, version, reason, change
+        )
+
+    def enable_key_version(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        def change(row: KeyVersionRow, active: int | None) -> None:
+            if row.state == VersionState.DESTROYED:
+                raise FailedPrecondition(
+                    "KEY_VERSION_DESTROYED",
+                    f"{key_name} version {version} is destroyed and cannot be enabled again",
+                )
+            if row.state == VersionState.ENABLED:
+                raise FailedPrecondition(
+                    "ALREADY_ENABLED", f"{key_name} version {version} is already enabled"
+                )
+            row.state = VersionState.ENABLED
+
+        return self._change_version(
+            caller, Action.ENABLE_VERSION, key_name, version, reason, change
+        )
+
+    def destroy_key_version(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        def change(row: KeyVersionRow, active: int | None) -> None:
+            _refuse_if_active_or_destroyed(row, active, "destroy")
+            # Crypto-shredding: the only copy of the material is erased, not flagged.
+            row.state = VersionState.DESTROYED
+            row.wrapped_material = None
+            row.destroyed_us = now_us()
+
+        return self._change_version(
+            caller, Action.DESTROY_VERSION, key_name, version, reason, change
+        )
+
+    def list_audit_events(
+        self, caller: Principal, page_size: int, page_token: str, key_name: str
+    ) -> tuple[list[AuditEvent], str]:
+        audit = AuditContext(key_name=key_name)
+
+        def work(repo: Repository) -> tuple[list[AuditEvent], str]:
+            _require(caller, Role.AUDITOR)
+            if key_name:
+                model.check_key_name(key_name)
+            limit = model.check_page_size(page_size)
+            after = model.check_page_token(page_token)
+            rows = repo.list_audit(after, limit + 1, key_name)
+            events = [audit_event_from_row(row) for row in rows[:limit]]
+            next_token = str(events[-1].sequence) if len(rows) > limit else ""
+            return events, next_token
+
+        return self._run(caller.name, Action.LIST_AUDIT, audit, work)
+
+    def verify_audit_log(self, caller: Principal) -> AuditVerification:
+        audit = AuditContext()
+
+        def work(repo: Repository) -> AuditVerification:
+            _require(caller, Role.AUDITOR)
+            head_sequence, head_hash = repo.audit_head()
+            result = verify_chain(repo.iter_audit(), head_sequence, head_hash)
+            audit.detail = (
+                f"intact, {result.events_checked} events"
+                if result.intact
+                else f"broken at event {result.first_broken_sequence}: {result.problem}"
+            )
+            if not result.intact:
+                log.error("audit log verification failed: %s", audit.detail)
+            return result
+
+        return self._run(caller.name, Action.VERIFY_AUDIT, audit, work)
+
+    def record_denial(self, actor: str, action: Action, error: KmsError) -> None:
+        """Audits a call refused before it reached a use case (for example unauthenticated)."""
+        self._audit_denial(actor, action, AuditContext(), error)
+
+    # Shared steps
+
+    def _change_version(
+        self,
+        caller: Principal,
+        action: Action,
+        key_name: str,
+        version: int,
+        reason: str,
+        change: Callable[[KeyVersionRow, int | None], None],
+    ) -> KeyVersionInfo:
+        audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            _require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(version)
+            model.check_reason(reason)
+            # Lock the key first: a concurrent rotation cannot make this version active meanwhile.
+            key = _existing_key(repo, key_name, for_update=True)
+            row = repo.get_version(key_name, version, for_update=True)
+            if row is None:
+                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            change(row, key.active_version)
+            repo.flush()
+            return _version_info(row, key.active_version)
+
+        return self._run(caller.name, action, audit, work)
+
+    def _usable_material(self, repo: Repository, key_name: str, version: int) -> bytes:
+        row = repo.get_version(key_name, version)
+        if row is None:
+            raise IntegrityFailure(
+                "BINDING_WITHOUT_VERSION", f"{key_name} version {version} is missing"
+            )
+        _require_usable(row, f"{key_name} version {version} cannot be used")
+        assert row.wrapped_material is not None
+        return self._root_key.unwrap_version_material(key_name, version, row.wrapped_material)
+
+    def _data_key_from_binding(self, repo: Repository, binding: BackupBindingRow) -> DataKey:
+        material = self._usable_material(repo, binding.key_name, binding.version)
+        data_key = crypto.unwrap_data_key(
+            material, binding.backup_id, binding.key_name, binding.version,
+            binding.wrapped_data_key,
+        )
+        return DataKey(
+            binding.backup_id, binding.key_name, binding.version, data_key,
+            binding.wrapped_data_key,
+        )
+
+    def _recover_binding(
+        self, repo: Repository, backup_id: str, ref: BackupKeyReference, audit: AuditContext
+    ) -> DataKey:
+        """Re-creates a lost binding from an archive header (database restored from a snapshot)."""
+        model.check_key_name(ref.key_name)
+        model.check_version(ref.version)
+        audit.key_name, audit.version = ref.key_name, ref.version
+        if repo.get_version(ref.key_name, ref.version) is None:
+            raise NotFound(
+                "BACKUP_NOT_FOUND",
+                f"no key is bound to backup {backup_id}, and the key version its header names "
+                f"({ref.key_name} version {ref.version}) does not exist",
+            )
+        material = self._usable_material(repo, ref.key_name, ref.version)
+        try:
+            data_key = crypto.unwrap_data_key(
+                material, backup_id, ref.key_name, ref.version, ref.wrapped_data_key
+            )
+        except IntegrityFailure:
+            raise InvalidArgument(
+                "RECOVERY_KEY_MISMATCH",
+                f"the wrapped data key offered for backup {backup_id} was not issued for it "
+                f"under {ref.key_name} version {ref.version}",
+            ) from None
+        repo.add_binding(
+            BackupBindingRow(
+                backup_id=backup_id,
+                key_name=ref.key_name,
+                version=ref.version,
+                wrapped_data_key=ref.wrapped_data_key,
+                created_us=now_us(),
+                recovered=True,
+            )
+        )
+        audit.detail = "binding recovered from the archive header"
+        return DataKey(
+            backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
+        )
+
+    def _run(
+        self,
+        actor: str,
+        action: Action,
+        audit: AuditContext,
+        work: Callable[[Repository], T],
+        *,
+        audit_on_success: bool = True,
+        action_of: Callable[[], Action] | None = None,
+    ) -> T:
+        """Runs one use case in one transaction with its audit event, retrying transient conflicts."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self._sessions.begin() as session:
+                    repo = Repository(session)
+                    result = work(repo)
+                    if audit_on_success:
+                        repo.append_audit(
+                            time_us=now_us(),
+                            actor=actor,
+                            action=action_of() if action_of else action,
+                            outcome=Outcome.ALLOWED,
+                            status_code="OK",
+                            **asdict(audit),
+                        )
+                return result
+            except KmsError as error:
+                if error.audited:
+                    self._audit_denial(actor, action_of() if action_of else action, audit, error)
+                raise
+            except sa_exc.DBAPIError as error:
+                if attempt < MAX_ATTEMPTS and _is_transient(error):
+                    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+                    continue
+                raise _unavailable(error) from None
+        raise AssertionError("unreachable")
+
+    def _audit_denial(
+        self, actor: str, action: Action, audit: AuditContext, error: KmsError
+    ) -> None:
+        fields = asdict(audit)
+        fields["detail"] = error.message
+        try:
+            with self._sessions.begin() as session:
+                Repository(session).append_audit(
+                    time_us=now_us(),
+                    actor=actor,
+                    action=action,
+                    outcome=Outcome.DENIED,
+                    status_code=error.status_name,
+                    **fields,
+                )
+        except sa_exc.DBAPIError as db_error:
+            # Fail closed: a denial we cannot record is reported as the outage it is.
+            raise _unavailable(db_error) from None
+
+
+def _require(caller: Principal, role: Role) -> None:
+    if role not in caller.roles:
+        raise PermissionDenied(
+            "PERMISSION_DENIED", f"principal {caller.name} does not have the {role} role"
+        )
+
+
+def _existing_key(repo: Repository, key_name: str, *, for_update: bool = False) -> KeyRow:
+    key = repo.get_key(key_name, for_update=for_update)
+    if key is None:
+        raise NotFound("KEY_NOT_FOUND", f"key {key_name} does not exist")
+    return key
+
+
+def _existing_version(repo: Repository, key_name: str, version: int) -> KeyVersionRow:
+    row = repo.get_version(key_name, version)
+    if row is None:
+        raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+    return row
+
+
+def _require_usable(row: KeyVersionRow, what: str) -> None:
+    if row.state == VersionState.DESTROYED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROYED", f"{what}: {row.key_name} version {row.version} was destroyed"
+        )
+    if row.state == VersionState.DISABLED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DISABLED",
+            f"{what}: {row.key_name} version {row.version} is disabled (enable it first)",
+        )
+
+
+def _refuse_if_active_or_destroyed(row: KeyVersionRow, active: int | None, verb: str) -> None:
+    if row.version == active:
+        raise FailedPrecondition(
+            "KEY_VERSION_ACTIVE",
+            f"cannot {verb} {row.key_name} version {row.version}: it is the active version; "
+            "rotate to another version first",
+        )
+    if row.state == VersionState.DESTROYED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROYED",
+            f"cannot {verb} {row.key_name} version {row.version}: it is already destroyed",
+        )
+
+
+def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionInfo:
+    return KeyVersionInfo(
+        key_name=row.key_name,
+        version=row.version,
+        state=VersionState(row.state),
+        active=row.version == active_version,
+        origin=VersionOrigin(row.origin),
+        created_us=row.created_us,
+        destroyed_us=row.destroyed_us,
+    )
+
+
+def _decode_name_token(page_token: str) -> str:
+    try:
+        return bytes.fromhex(page_token).decode() if page_token else ""
+    except ValueError:
+        raise InvalidArgument(
+            "PAGE_TOKEN_INVALID", "page_token is not one this server issued"
+        ) from None
+
+
+def _is_transient(error: sa_exc.DBAPIError) -> bool:
+    if isinstance(error, sa_exc.IntegrityError):
+        return True  # a concurrent insert of the same key or binding: the retry sees it
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return True
+    return "database is locked" in str(error.orig)
+
+
+def _unavailable(error: sa_exc.DBAPIError) -> Unavailable:
+    log.warning("database error: %s", type(error.orig).__name__)
+    return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
+
