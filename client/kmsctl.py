@@ -136,6 +136,8 @@ def confirm_destroy(args: argparse.Namespace) -> bool:
         f"restored again. Type the key name to confirm: "
     )
     confirmed: bool = answer.strip() == args.key_name
+    if not confirmed:
+        print("not destroyed", file=sys.stderr)
     return confirmed
 
 
@@ -146,7 +148,6 @@ def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
         "destroy": client.destroy_key_version,
     }
     if args.command == "destroy" and not confirm_destroy(args):
-        print("not destroyed", file=sys.stderr)
         return EXIT_FAILURE
     version = change[args.command](args.key_name, args.version, reason=args.reason)
     print_versions([version], args.json)

@@ -176,6 +176,17 @@ def _decrypt_to_temp_file(
     return path, size
 
 
+def _restore_symlink_times(tar: tarfile.TarFile, staging: Path) -> None:
+    """tarfile leaves a symlink's own mtime at "now"; set it without following the link."""
+    if os.utime not in os.supports_follow_symlinks:
+        return
+    for member in tar.getmembers():
+        if member.issym():
+            # Same checks as the extraction itself, so the path is inside staging.
+            safe = tarfile.tar_filter(member, str(staging))
+            os.utime(staging / safe.name, (safe.mtime, safe.mtime), follow_symlinks=False)
+
+
 def _extract_tree(payload: Path, target: Path, *, force: bool) -> None:
     """Extract a verified tar into a staging directory beside target, then rename it in."""
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
@@ -183,6 +194,7 @@ def _extract_tree(payload: Path, target: Path, *, force: bool) -> None:
         with tarfile.open(payload, mode="r:") as tar:
             # The "tar" filter refuses absolute names, "..", links out of the tree and devices.
             tar.extractall(staging, filter="tar")
+            _restore_symlink_times(tar, staging)
         root_times = os.stat(staging)
         _install(staging, target, force=force)
         # Renaming a directory may touch its own times on some filesystems.
