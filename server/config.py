@@ -48,7 +48,11 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--data-dir", "KMS_DATA_DIR", "directory for the embedded database and dev-mode files"),
     ("--database-url", "KMS_DATABASE_URL", "SQLAlchemy URL (default: SQLite in --data-dir)"),
     ("--root-key-file", "KMS_ROOT_KEY_FILE", "32-byte root key file (default DATA_DIR/root.key)"),
-    ("--policy-file", "KMS_POLICY_FILE", "principals and roles, TOML (default DATA_DIR/policy.toml)"),
+    (
+        "--policy-file",
+        "KMS_POLICY_FILE",
+        "principals and roles, TOML (default DATA_DIR/policy.toml)",
+    ),
     ("--tls-cert", "KMS_TLS_CERT", "server certificate chain (PEM)"),
     ("--tls-key", "KMS_TLS_KEY", "server private key (PEM)"),
     ("--tls-client-ca", "KMS_TLS_CLIENT_CA", "CA bundle for client certificates (mutual TLS)"),
@@ -57,8 +61,10 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--ready-file", "KMS_READY_FILE", "write the bound host:port here once serving"),
     ("--log-level", "KMS_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
 ]
-_FLAGS = [("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
-          ("--dev", "KMS_DEV", "first-run mode: create a root key, policy and tokens")]
+_FLAGS = [
+    ("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
+    ("--dev", "KMS_DEV", "first-run mode: create a root key, policy and tokens"),
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -76,9 +76,7 @@ class RootKey:
         except OSError as error:
             raise RootKeyError(f"cannot read root key file {path}: {error.strerror}") from None
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise RootKeyError(
-                f"root key file {path} is readable by others; run: chmod 600 {path}"
-            )
+            raise RootKeyError(f"root key file {path} is readable by others; run: chmod 600 {path}")
         if len(material) != KEY_MATERIAL_BYTES:
             raise RootKeyError(
                 f"root key file {path} must hold exactly {KEY_MATERIAL_BYTES} raw bytes"

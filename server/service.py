@@ -143,9 +143,7 @@ class KeyManagementService:
                 version=version,
                 state=VersionState.ENABLED,
                 origin=origin,
-                wrapped_material=self._root_key.wrap_version_material(
-                    key_name, version, material
-                ),
+                wrapped_material=self._root_key.wrap_version_material(key_name, version, material),
                 created_us=created,
                 destroyed_us=None,
             )
@@ -443,11 +441,17 @@ class KeyManagementService:
     def _data_key_from_binding(self, repo: Repository, binding: BackupBindingRow) -> DataKey:
         material = self._usable_material(repo, binding.key_name, binding.version)
         data_key = crypto.unwrap_data_key(
-            material, binding.backup_id, binding.key_name, binding.version,
+            material,
+            binding.backup_id,
+            binding.key_name,
+            binding.version,
             binding.wrapped_data_key,
         )
         return DataKey(
-            binding.backup_id, binding.key_name, binding.version, data_key,
+            binding.backup_id,
+            binding.key_name,
+            binding.version,
+            data_key,
             binding.wrapped_data_key,
         )
 
@@ -500,7 +504,7 @@ class KeyManagementService:
         audit_on_success: bool = True,
         action_of: Callable[[], Action] | None = None,
     ) -> T:
-        """Runs one use case in one transaction with its audit event, retrying transient conflicts."""
+        """Runs a use case in one transaction with its audit event; retries transient conflicts."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 with self._sessions.begin() as session:
@@ -627,4 +631,3 @@ def _is_transient(error: sa_exc.DBAPIError) -> bool:
 def _unavailable(error: sa_exc.DBAPIError) -> Unavailable:
     log.warning("database error: %s", type(error.orig).__name__)
     return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
-

@@ -56,7 +56,9 @@ class RunningKms:
 class KmsStub:
     """Forwards to the generated stub, adding the credentials metadata to every call."""
 
-    def __init__(self, stub: kms_pb2_grpc.KeyManagementServiceStub, metadata: tuple[tuple[str, str], ...]) -> None:
+    def __init__(
+        self, stub: kms_pb2_grpc.KeyManagementServiceStub, metadata: tuple[tuple[str, str], ...]
+    ) -> None:
         self._stub = stub
         self._metadata = metadata
 

@@ -32,7 +32,7 @@ class PolicyHolder:
         self.policy = policy
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(
         self,
         policy: PolicyHolder,
@@ -43,9 +43,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method: str = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(PUBLIC_SERVICES):
@@ -77,9 +77,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             response_serializer=handler.response_serializer,
         )
 
-    def _authenticate(
-        self, metadata: Any, context: grpc.ServicerContext
-    ) -> Principal:
+    def _authenticate(self, metadata: Any, context: grpc.ServicerContext) -> Principal:
         policy = self._policy.policy
         tokens = [value for key, value in metadata if key == "authorization"]
         if len(tokens) > 1:
@@ -94,9 +92,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
             if principal is None:
                 raise Unauthenticated("CREDENTIALS_INVALID", "the bearer token is not valid")
             return principal
-        common_names = context.auth_context().get("x509_common_name", [])
+        common_names = list(context.auth_context().get("x509_common_name", []))
         if common_names:
-            name = common_names[0].decode()
+            name = bytes(common_names[0]).decode(errors="replace")
             principal = policy.principal_for_certificate(name)
             if principal is None:
                 raise Unauthenticated(
@@ -110,7 +108,7 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-def _deny_all(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _deny_all(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
     def deny(request: Any, context: grpc.ServicerContext) -> Any:
         abort(context, PermissionDenied("METHOD_NOT_ALLOWED", "this method is not allowed"))
 

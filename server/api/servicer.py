@@ -64,9 +64,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         self, request: kms_pb2.RotateActiveRequest, context: grpc.ServicerContext
     ) -> kms_pb2.RotateActiveResponse:
         expected = (
-            request.expected_active_version
-            if request.HasField("expected_active_version")
-            else None
+            request.expected_active_version if request.HasField("expected_active_version") else None
         )
         rotation = _call(
             context,
@@ -127,9 +125,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.GetKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.get_key_version(
-                caller, request.key_name, request.version
-            ),
+            lambda caller: self._service.get_key_version(caller, request.key_name, request.version),
         )
         return kms_pb2.GetKeyVersionResponse(key_version=_key_version(info))
 
@@ -146,9 +142,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.ListKeysResponse:
         keys, next_token = _call(
             context,
-            lambda caller: self._service.list_keys(
-                caller, request.page_size, request.page_token
-            ),
+            lambda caller: self._service.list_keys(caller, request.page_size, request.page_token),
         )
         return kms_pb2.ListKeysResponse(
             keys=[

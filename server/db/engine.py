@@ -1,4 +1,4 @@
-"""One engine and one sessionmaker per process, set up for each backend's way of serializing writes."""
+"""One engine and one sessionmaker per process, set up for how each backend serializes writes."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ def make_engine(url: str, *, pool_size: int = 10, statement_timeout_ms: int = 50
         return _sqlite_engine(url)
     if parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
-            url = parsed.set(drivername="postgresql+psycopg").render_as_string(
-                hide_password=False
-            )
+            url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
         return create_engine(
             url,
             pool_size=pool_size,

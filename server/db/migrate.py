@@ -25,7 +25,7 @@ def upgrade(engine: Engine) -> None:
 
 
 def pending(engine: Engine) -> tuple[str | None, str]:
-    """Returns (the database's revision, the newest revision) when they differ, else raises nothing."""
+    """Returns the database's schema revision and the newest one this code knows."""
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert head is not None
     with engine.connect() as connection:
