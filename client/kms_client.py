@@ -131,6 +131,8 @@ def config_from_args(args: argparse.Namespace) -> ClientConfig:
         raise ConfigError("--cert and --tls-key must be given together")
     if args.cert is not None and args.ca is None:
         raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
+    if not args.addr.strip():
+        raise ConfigError("the server address is empty (check --addr / KMS_ADDR)")
     if args.timeout <= 0:
         raise ConfigError("--timeout must be positive")
     if args.retries < 0:

@@ -92,6 +92,8 @@ def explain_resolve_failure(error: KmsError, header: ArchiveHeader, addr: str) -
         "enable it to restore this backup",
         "BACKUP_NOT_FOUND": f"the server does not know backup {header.backup_id}",
         "KEY_NOT_FOUND": f"the server does not know key {header.key_name}",
+        "RECOVERY_KEY_MISMATCH": f"the server does not know backup {header.backup_id}, and "
+        "the wrapped data key in the archive header was not issued for it",
     }
     by_code = {
         grpc.StatusCode.UNAUTHENTICATED: "the server rejected the credentials",
