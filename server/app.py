@@ -19,6 +19,7 @@ from server.config import ServerSettings
 from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine, make_sessionmaker
+from server.db.health import DatabaseProbe
 from server.policy import Policy
 from server.service import KeyManagementService
 
@@ -39,11 +40,17 @@ class KmsServer:
     health: health.HealthServicer
     engine: Engine
     policy: PolicyHolder
+    probe: DatabaseProbe | None = None
+    health_server: grpc.Server | None = None
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Reports NOT_SERVING first, then lets in-flight calls finish within the grace period."""
+        if self.probe is not None:
+            self.probe.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_seconds).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         self.engine.dispose()
 
 
@@ -65,8 +72,15 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     root_key = RootKey.load(settings.root_key_file)
     policy = PolicyHolder(Policy.load(settings.policy_file))
     engine = open_database(settings, upgrade=upgrade_schema)
+    # SQLite is a local file: there is no connection to lose, so nothing to probe.
+    embedded = engine.dialect.name == "sqlite"
+    probe = None if embedded else DatabaseProbe(settings.database_url)
     try:
-        service = KeyManagementService(make_sessionmaker(engine), root_key)
+        service = KeyManagementService(
+            make_sessionmaker(engine),
+            root_key,
+            on_unavailable=probe.check_now if probe is not None else None,
+        )
         service.check_root_key()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
@@ -89,11 +103,41 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         port = _bind(server, settings)
         server.start()
     except BaseException:
+        if probe is not None:
+            probe.stop()
         engine.dispose()
         raise
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return KmsServer(server, port, health_servicer, engine, policy)
+    if probe is not None:
+        # NOT_SERVING while the database does not answer, SERVING again once it does.
+        probe.start(lambda serving: _report_database(health_servicer, serving))
+    running = KmsServer(server, port, health_servicer, engine, policy, probe=probe)
+    if settings.health_listen:
+        running.health_server = _start_health_server(settings.health_listen, health_servicer)
+    return running
+
+
+def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
+    """A plaintext loopback port with only the health service, for probes that hold no certificate."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    try:
+        server.add_insecure_port(listen)
+    except RuntimeError as error:
+        raise StartupError(f"cannot listen on {listen}: {error}") from None
+    server.start()
+    return server
+
+
+def _report_database(servicer: health.HealthServicer, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, status)
 
 
 def _bind(server: grpc.Server, settings: ServerSettings) -> int:

@@ -36,6 +36,7 @@ class ServerSettings:
     db_pool_size: int
     ready_file: Path | None
     log_level: str
+    health_listen: str | None = None
 
     @property
     def uses_tls(self) -> bool:
@@ -60,6 +61,7 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--db-pool-size", "KMS_DB_POOL_SIZE", "database connections per process (default 10)"),
     ("--ready-file", "KMS_READY_FILE", "write the bound host:port here once serving"),
     ("--log-level", "KMS_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
+    ("--health-listen", "KMS_HEALTH_LISTEN", "loopback host:port serving only grpc.health.v1"),
 ]
 _FLAGS = [
     ("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
@@ -126,6 +128,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         db_pool_size=number("--db-pool-size", "KMS_DB_POOL_SIZE", 10),
         ready_file=path("--ready-file", "KMS_READY_FILE"),
         log_level=(value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper(),
+        health_listen=value("--health-listen", "KMS_HEALTH_LISTEN"),
     )
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
@@ -142,6 +145,10 @@ def listen_host(listen: str) -> str:
 
 def check_transport(settings: ServerSettings) -> None:
     """Plaintext only when asked for, and only on a loopback address."""
+    if settings.health_listen and not _is_loopback(listen_host(settings.health_listen)):
+        raise ConfigError(
+            "--health-listen / KMS_HEALTH_LISTEN is plaintext, so it must be a loopback address"
+        )
     if settings.tls_client_ca is not None and not settings.uses_tls:
         raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
     if settings.uses_tls:
