@@ -57,6 +57,9 @@ ROOT_KEY_CHECK = "root_key_check"
 # PostgreSQL SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
 MAX_ATTEMPTS = 5
+# What the database layer raises when it fails or cannot be reached. A pool
+# timeout (sqlalchemy.exc.TimeoutError) is not a DBAPIError but is an outage too.
+DATABASE_ERRORS = (sa_exc.DBAPIError, sa_exc.TimeoutError)
 
 
 def now_us() -> int:
@@ -86,9 +89,17 @@ class BackupKeyReference:
 
 
 class KeyManagementService:
-    def __init__(self, sessions: sessionmaker[Session], root_key: crypto.RootKey) -> None:
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        root_key: crypto.RootKey,
+        *,
+        on_unavailable: Callable[[], None] | None = None,
+    ) -> None:
         self._sessions = sessions
         self._root_key = root_key
+        # Told when a call fails because the database is unreachable (the health probe).
+        self._on_unavailable = on_unavailable
 
     # Start-up
 
@@ -524,11 +535,11 @@ class KeyManagementService:
                 if error.audited:
                     self._audit_denial(actor, action_of() if action_of else action, audit, error)
                 raise
-            except sa_exc.DBAPIError as error:
+            except DATABASE_ERRORS as error:
                 if attempt < MAX_ATTEMPTS and _is_transient(error):
                     time.sleep(random.uniform(0, 0.005 * 2**attempt))
                     continue
-                raise _unavailable(error) from None
+                raise self._unavailable(error) from None
         raise AssertionError("unreachable")
 
     def _audit_denial(
@@ -546,9 +557,16 @@ class KeyManagementService:
                     status_code=error.status_name,
                     **fields,
                 )
-        except sa_exc.DBAPIError as db_error:
+        except DATABASE_ERRORS as db_error:
             # Fail closed: a denial we cannot record is reported as the outage it is.
-            raise _unavailable(db_error) from None
+            raise self._unavailable(db_error) from None
+
+    def _unavailable(self, error: sa_exc.SQLAlchemyError) -> Unavailable:
+        cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+        log.warning("database error: %s: %s", type(cause).__name__, str(cause).strip()[:200])
+        if self._on_unavailable is not None:
+            self._on_unavailable()
+        return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
 
 
 def _require(caller: Principal, role: Role) -> None:
@@ -619,15 +637,12 @@ def _decode_name_token(page_token: str) -> str:
         ) from None
 
 
-def _is_transient(error: sa_exc.DBAPIError) -> bool:
+def _is_transient(error: sa_exc.SQLAlchemyError) -> bool:
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False  # a pool timeout has already waited long enough
     if isinstance(error, sa_exc.IntegrityError):
         return True  # a concurrent insert of the same key or binding: the retry sees it
     sqlstate = getattr(error.orig, "sqlstate", None)
     if sqlstate in RETRYABLE_SQLSTATES:
         return True
     return "database is locked" in str(error.orig)
-
-
-def _unavailable(error: sa_exc.DBAPIError) -> Unavailable:
-    log.warning("database error: %s", type(error.orig).__name__)
-    return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
