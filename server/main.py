@@ -32,7 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config.add_arguments(parser)
     try:
-        settings = config.load(parser.parse_args(args), os.environ)
+        parsed = parser.parse_args(args)
+        if command == "migrate":
+            # Migrating serves nothing, so the listening and TLS checks do not apply.
+            parsed.insecure, parsed.listen = True, "127.0.0.1:0"
+        settings = config.load(parsed, os.environ)
         logging.basicConfig(
             level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
