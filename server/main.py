@@ -51,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: config.ServerSettings) -> int:
+    # The SQLite file, its journal and dev-mode files hold wrapped key material: owner only.
+    os.umask(0o077)
     if settings.dev:
         token_files = devmode.bootstrap(settings)
         print(f"dev mode: data directory {settings.data_dir}", flush=True)
