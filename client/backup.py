@@ -110,6 +110,8 @@ def create_archive(
     target = None if output == STDIO else Path(output)
     if target is not None and not force and (target.exists() or target.is_symlink()):
         raise FileExistsError(f"{output} already exists (use --force to overwrite)")
+    if target is not None and not target.parent.is_dir():
+        raise FileNotFoundError(f"directory {target.parent} does not exist")
 
     backup_id = str(uuid.uuid4())
     issued = client.get_active_key(key_name, backup_id)
