@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -545,8 +545,7 @@ class KeyManagementService:
     def _audit_denial(
         self, actor: str, action: Action, audit: AuditContext, error: KmsError
     ) -> None:
-        fields = asdict(audit)
-        fields["detail"] = error.message
+        fields = _storable({**asdict(audit), "detail": error.message})
         try:
             with self._sessions.begin() as session:
                 Repository(session).append_audit(
@@ -567,6 +566,27 @@ class KeyManagementService:
         if self._on_unavailable is not None:
             self._on_unavailable()
         return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
+
+
+# Audit rows hold names and ids in VARCHAR(128) and versions in 32-bit integers.
+_STRING_LIMITS = {"key_name": model.MAX_NAME_LENGTH, "backup_id": model.MAX_NAME_LENGTH}
+
+
+def _storable(fields: dict[str, Any]) -> dict[str, Any]:
+    """Makes a denial's fields fit its audit row: they may be the very input that was refused.
+
+    Control characters are escaped (PostgreSQL text cannot hold NUL), strings are
+    cut to their column's length, and numbers beyond the column's range become 0.
+    """
+    stored: dict[str, Any] = {}
+    for name, value in fields.items():
+        if isinstance(value, str):
+            value = "".join(c if c.isprintable() or c == "\t" else ascii(c)[1:-1] for c in value)
+            value = value[: _STRING_LIMITS.get(name, model.MAX_REASON_LENGTH)]
+        elif isinstance(value, int) and not 0 <= value <= model.MAX_VERSION:
+            value = 0
+        stored[name] = value
+    return stored
 
 
 def _require(caller: Principal, role: Role) -> None:

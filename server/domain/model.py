@@ -10,6 +10,7 @@ from server.domain.errors import InvalidArgument
 
 KEY_MATERIAL_BYTES = 32  # AES-256
 MAX_NAME_LENGTH = 128
+MAX_VERSION = 2**31 - 1  # versions are stored as 32-bit integers
 MAX_REASON_LENGTH = 1024
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -167,6 +168,8 @@ def check_backup_id(backup_id: str) -> str:
 def check_version(version: int, field: str = "version") -> int:
     if version < 1:
         raise InvalidArgument("VERSION_INVALID", f"{field} must be at least 1")
+    if version > MAX_VERSION:
+        raise InvalidArgument("VERSION_INVALID", f"{field} must be at most {MAX_VERSION}")
     return version
 
 
