@@ -174,14 +174,21 @@ def cmd_audit_list(client: KmsClient, args: argparse.Namespace) -> int:
                 kms_pb2.AuditOutcome.Name(e.outcome).removeprefix("AUDIT_OUTCOME_").lower(),
                 e.status_code,
                 e.key_name or "-",
-                e.version or "-",
+                _audit_versions(e),
                 e.backup_id or "-",
-                e.detail or e.reason or "",
+                "; ".join(part for part in (e.reason, e.detail) if part),
             ]
             for e in events
         ],
     )
     return EXIT_OK
+
+
+def _audit_versions(event: kms_pb2.AuditEvent) -> str:
+    """A rotation shows from->to; other events the version they concern."""
+    if event.action == "key.rotate":
+        return f"{event.from_version or '-'}->{event.to_version}"
+    return str(event.version or "-")
 
 
 def cmd_audit_verify(client: KmsClient, args: argparse.Namespace) -> int:
