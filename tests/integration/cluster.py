@@ -142,7 +142,7 @@ class Replica:
         return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
-        self.close_channels()
+        """Channels stay open: calls on them fail with UNAVAILABLE, as a client would see."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             try:
@@ -190,6 +190,7 @@ def replicas(
     finally:
         for replica in started:
             replica.kill()
+            replica.close_channels()
 
 
 # Calls and errors
