@@ -11,6 +11,7 @@ from server.domain.errors import InvalidArgument
 KEY_MATERIAL_BYTES = 32  # AES-256
 MAX_NAME_LENGTH = 128
 MAX_VERSION = 2**31 - 1  # versions are stored as 32-bit integers
+MAX_SEQUENCE = 2**63 - 1  # audit sequence numbers are stored as 64-bit integers
 MAX_REASON_LENGTH = 1024
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -193,6 +194,11 @@ def check_page_token(page_token: str) -> int:
     """Page tokens are the last position of the previous page, as a decimal string."""
     if not page_token:
         return 0
-    if not page_token.isdigit() or len(page_token) > 20:
+    # ASCII digits only (str.isdigit also accepts "²", which int() refuses), within BIGINT.
+    if (
+        len(page_token) > 19
+        or not (page_token.isascii() and page_token.isdigit())
+        or int(page_token) > MAX_SEQUENCE
+    ):
         raise InvalidArgument("PAGE_TOKEN_INVALID", "page_token is not one this server issued")
     return int(page_token)
