@@ -649,12 +649,17 @@ def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionI
 
 
 def _decode_name_token(page_token: str) -> str:
+    """A ListKeys page token is the hex of the last key name of the previous page."""
+    if not page_token:
+        return ""
     try:
-        return bytes.fromhex(page_token).decode() if page_token else ""
+        name = bytes.fromhex(page_token).decode()
     except ValueError:
-        raise InvalidArgument(
-            "PAGE_TOKEN_INVALID", "page_token is not one this server issued"
-        ) from None
+        name = ""
+    # Only a key name is one we issued (a NUL in it would also break PostgreSQL's query).
+    if model.KEY_NAME_PATTERN.fullmatch(name) is None:
+        raise InvalidArgument("PAGE_TOKEN_INVALID", "page_token is not one this server issued")
+    return name
 
 
 def _is_transient(error: sa_exc.SQLAlchemyError) -> bool:
