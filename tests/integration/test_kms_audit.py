@@ -288,7 +288,7 @@ def test_keys_page_through_by_name(kms: RunningKms) -> None:
     assert all(k.active_version == 0 for k in listed)
 
 
-@pytest.mark.parametrize("page_token", ["zz", "abc", "ff"])
+@pytest.mark.parametrize("page_token", ["zz", "abc", "ff", "c3", "00", "2d2d"])
 def test_key_page_tokens_the_server_never_issued_are_invalid(
     kms: RunningKms, page_token: str
 ) -> None:
