@@ -5,6 +5,7 @@ binding has its audit event and the other way round), and the audit chain verifi
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -12,15 +13,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 from sqlalchemy import create_engine, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from kms.v1 import kms_pb2
+from server.crypto import RootKey
 from server.db.engine import sqlite_url
+from server.domain.errors import Unavailable
+from server.domain.model import Principal, Role
+from server.service import KeyManagementService
 from tests.conftest import KmsStub, RunningKms, fresh_postgres_database, start_kms
 from tests.integration.cluster import (
     Replica,
@@ -418,3 +424,23 @@ def test_backups_made_after_the_snapshot_restore_from_their_headers(
         verify_chain(auditor)
     finally:
         server.close()
+
+
+def test_a_pool_timeout_is_an_outage_not_an_unknown_error() -> None:
+    """sqlalchemy.exc.TimeoutError (no free connection) is not a DBAPIError; it is UNAVAILABLE."""
+
+    class ExhaustedPool:
+        def begin(self) -> None:
+            raise sa_exc.TimeoutError("QueuePool limit of size 10 overflow 0 reached")
+
+    told: list[bool] = []
+    service = KeyManagementService(
+        cast(Any, ExhaustedPool()),
+        RootKey(os.urandom(32)),
+        on_unavailable=lambda: told.append(True),
+    )
+    caller = Principal("backup", frozenset(Role))
+    with pytest.raises(Unavailable) as raised:
+        service.get_active_key(caller, "tenant", "backup-1")
+    assert raised.value.reason == "DATABASE_UNAVAILABLE"
+    assert told == [True], "the health probe is told at once"
