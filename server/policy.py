@@ -14,6 +14,7 @@ are 256-bit random values, so a fast hash is enough):
 from __future__ import annotations
 
 import hashlib
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,10 @@ from server.domain.model import Principal, Role
 
 class PolicyError(Exception):
     """The policy file cannot be read or says something invalid."""
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in string.hexdigits for c in text)
 
 
 def hash_token(token: str) -> str:
@@ -70,7 +75,7 @@ class Policy:
             principal = Principal(name, roles)
             principals[name] = principal
             for digest in entry.get("token_sha256", []):
-                if not isinstance(digest, str) or len(digest) != 64:
+                if not isinstance(digest, str) or len(digest) != 64 or not _is_hex(digest):
                     raise PolicyError(f"{where}: token_sha256 entries are 64 hex characters")
                 if digest.lower() in by_token_hash:
                     raise PolicyError(f"{where}: a token hash is listed twice")
