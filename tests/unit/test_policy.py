@@ -35,7 +35,7 @@ def test_a_valid_policy_maps_tokens_and_certificates_to_principals() -> None:
 
 
 def test_token_hashes_are_matched_case_insensitively() -> None:
-    document = {
+    document: dict[str, object] = {
         "principals": {"p": {"roles": ["admin"], "token_sha256": [hash_token("t").upper()]}}
     }
     principal = Policy.parse(document).principal_for_token("t")
