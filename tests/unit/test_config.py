@@ -1,0 +1,120 @@
+"""Server settings: flags over environment, and refusals that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server import config
+from server.config import ConfigError
+
+
+def parse(*argv: str, **environ: str) -> config.ServerSettings:
+    return config.parse(list(argv), environ=environ)
+
+
+def test_dev_mode_defaults(tmp_path: Path) -> None:
+    settings = parse("--dev", "--data-dir", str(tmp_path))
+    assert settings.listen == config.DEFAULT_LISTEN
+    assert settings.insecure and settings.dev and not settings.uses_tls
+    assert settings.database_url == f"sqlite+pysqlite:///{(tmp_path / 'kms.sqlite3').resolve()}"
+    assert settings.root_key_file == tmp_path / "root.key"
+    assert settings.policy_file == tmp_path / "policy.toml"
+    assert settings.log_level == "INFO"
+
+
+def test_flags_win_over_the_environment(tmp_path: Path) -> None:
+    settings = parse(
+        "--data-dir",
+        str(tmp_path),
+        "--insecure",
+        "--listen",
+        "127.0.0.1:7000",
+        KMS_LISTEN="127.0.0.1:8000",
+        KMS_MAX_WORKERS="3",
+        KMS_LOG_LEVEL="debug",
+    )
+    assert settings.listen == "127.0.0.1:7000"
+    assert settings.max_workers == 3
+    assert settings.log_level == "DEBUG"
+
+
+def test_the_environment_alone_configures_the_server(tmp_path: Path) -> None:
+    settings = parse(KMS_DATA_DIR=str(tmp_path), KMS_INSECURE="true", KMS_LISTEN="[::1]:9000")
+    assert settings.insecure and settings.listen == "[::1]:9000"
+
+
+@pytest.mark.parametrize(
+    "listen", ["0.0.0.0:50051", "[::]:50051", "10.1.2.3:50051", "kms.example.com:1"]
+)
+def test_plaintext_on_a_non_loopback_address_is_refused(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError, match="refusing plaintext"):
+        parse("--data-dir", str(tmp_path), "--insecure", "--listen", listen)
+    with pytest.raises(ConfigError, match="refusing plaintext"):
+        parse("--dev", "--data-dir", str(tmp_path), "--listen", listen)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.0.0.2:1", "localhost:50051", "[::1]:50051"])
+def test_plaintext_on_loopback_needs_insecure(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError, match="refusing to serve without TLS"):
+        parse("--data-dir", str(tmp_path), "--listen", listen)
+    assert parse("--data-dir", str(tmp_path), "--insecure", "--listen", listen).insecure
+
+
+def test_tls_on_any_address_needs_no_insecure(tmp_path: Path) -> None:
+    settings = parse(
+        "--data-dir",
+        str(tmp_path),
+        "--listen",
+        "0.0.0.0:443",
+        "--tls-cert",
+        "cert.pem",
+        "--tls-key",
+        "key.pem",
+    )
+    assert settings.uses_tls and not settings.insecure
+
+
+D = "--data-dir=DATA"  # replaced by the test's temporary directory
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "complaint"),
+    [
+        ([], {}, "--data-dir"),
+        (["--dev", "--database-url", "postgresql://db/kms"], {}, "--data-dir"),
+        ([D, "--insecure", "--tls-cert", "c.pem"], {}, "go together"),
+        ([D, "--insecure", "--tls-key", "k.pem"], {}, "go together"),
+        ([D, "--insecure", "--tls-client-ca", "ca.pem"], {}, "--tls-client-ca needs"),
+        ([D, "--insecure", "--max-workers", "0"], {}, "--max-workers"),
+        ([D, "--insecure", "--max-workers", "-3"], {}, "--max-workers"),
+        ([D, "--insecure", "--db-pool-size", "many"], {}, "--db-pool-size"),
+        ([D, "--insecure"], {"KMS_MAX_WORKERS": "1.5"}, "KMS_MAX_WORKERS"),
+        ([D, "--insecure", "--log-level", "verbose"], {}, "--log-level"),
+        ([D, "--insecure", "--listen", "127.0.0.1"], {}, "host:port"),
+        ([D, "--insecure", "--listen", "127.0.0.1:http"], {}, "host:port"),
+        ([D], {"KMS_INSECURE": "maybe"}, "KMS_INSECURE"),
+        ([D], {"KMS_DEV": "2"}, "KMS_DEV"),
+    ],
+)
+def test_invalid_settings_are_refused_naming_the_setting(
+    tmp_path: Path, argv: list[str], environ: dict[str, str], complaint: str
+) -> None:
+    argv = [arg.replace("DATA", str(tmp_path)) for arg in argv]
+    with pytest.raises(ConfigError, match=complaint):
+        config.parse(argv, environ=environ)
+
+
+def test_a_database_url_alone_needs_no_data_dir() -> None:
+    settings = parse("--insecure", "--database-url", "postgresql://db/kms")
+    assert settings.database_url == "postgresql://db/kms"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("yes", True), ("TRUE", True), ("0", False), ("no", False), ("", False)],
+)
+def test_switches_read_from_the_environment(tmp_path: Path, raw: str, expected: bool) -> None:
+    environ = {"KMS_DATA_DIR": str(tmp_path), "KMS_DEV": raw, "KMS_INSECURE": "1"}
+    assert config.parse([], environ=environ).dev is expected
