@@ -9,24 +9,29 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
 from server.api.auth import AuthInterceptor, PolicyHolder
 from server.api.methods import SERVICE_NAME
+from server.api.observability import Metrics, ObservabilityInterceptor
 from server.api.servicer import KeyManagementServicer
 from server.config import ServerSettings
 from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine, make_sessionmaker
 from server.db.health import DatabaseProbe
+from server.db.models import KeyRow
 from server.policy import Policy
+from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
 from server.service import KeyManagementService
 
 log = logging.getLogger(__name__)
 
 # A KMS request is tiny; anything bigger is refused before it is parsed.
 MAX_REQUEST_BYTES = 64 * 1024
+# The active-version gauge reads at most this many keys per scrape.
+MAX_KEYS_IN_METRICS = 10_000
 
 
 class StartupError(Exception):
@@ -40,8 +45,21 @@ class KmsServer:
     health: health.HealthServicer
     engine: Engine
     policy: PolicyHolder
+    settings: ServerSettings
     probe: DatabaseProbe | None = None
     health_server: grpc.Server | None = None
+    tls: ReloadableTls | None = None
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
+
+    def reload(self) -> bool:
+        """Reloads the policy file and the TLS certificates (SIGHUP); True if all of it worked.
+
+        Whatever fails to load is logged and left as it was: the server keeps serving.
+        """
+        policy_ok = reload_policy(self.policy, self.settings.policy_file)
+        tls_ok = reload_tls(self.tls) if self.tls is not None else True
+        return policy_ok and tls_ok
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Reports NOT_SERVING first, then lets in-flight calls finish within the grace period."""
@@ -51,6 +69,8 @@ class KmsServer:
         self.server.stop(grace_seconds).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.engine.dispose()
 
 
@@ -82,10 +102,17 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
             on_unavailable=probe.check_now if probe is not None else None,
         )
         service.check_root_key()
+        metrics = Metrics(lambda: _active_versions(engine)) if settings.metrics_listen else None
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
-            interceptors=[AuthInterceptor(policy, service.record_denial)],
+            # Outermost first: observability sees the final status of every call.
+            interceptors=[
+                ObservabilityInterceptor(metrics),
+                AuthInterceptor(policy, service.record_denial),
+            ],
             options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+            # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         )
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
             KeyManagementServicer(service), server
@@ -100,11 +127,16 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
             ),
             server,
         )
-        port = _bind(server, settings)
+        port, tls = _bind(server, settings)
+        metrics_port = (
+            metrics.serve(settings.metrics_listen) if metrics and settings.metrics_listen else None
+        )
         server.start()
     except BaseException:
         if probe is not None:
             probe.stop()
+        if metrics is not None:
+            metrics.stop()
         engine.dispose()
         raise
     for name in ("", SERVICE_NAME):
@@ -112,14 +144,25 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     if probe is not None:
         # NOT_SERVING while the database does not answer, SERVING again once it does.
         probe.start(lambda serving: _report_database(health_servicer, serving))
-    running = KmsServer(server, port, health_servicer, engine, policy, probe=probe)
+    running = KmsServer(
+        server,
+        port,
+        health_servicer,
+        engine,
+        policy,
+        settings,
+        probe=probe,
+        tls=tls,
+        metrics=metrics,
+        metrics_port=metrics_port,
+    )
     if settings.health_listen:
         running.health_server = _start_health_server(settings.health_listen, health_servicer)
     return running
 
 
 def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
-    """A plaintext loopback port with only the health service, for probes that hold no certificate."""
+    """A plaintext loopback port serving only health, for probes that hold no certificate."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
@@ -140,21 +183,32 @@ def _report_database(servicer: health.HealthServicer, serving: bool) -> None:
         servicer.set(name, status)
 
 
-def _bind(server: grpc.Server, settings: ServerSettings) -> int:
+def _active_versions(engine: Engine) -> list[tuple[str, int]]:
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(KeyRow.name, KeyRow.active_version)
+            .order_by(KeyRow.name)
+            .limit(MAX_KEYS_IN_METRICS)
+        ).all()
+    return [(str(name), int(version or 0)) for name, version in rows]
+
+
+def _bind(server: grpc.Server, settings: ServerSettings) -> tuple[int, ReloadableTls | None]:
+    tls = None
     try:
         if settings.uses_tls:
             assert settings.tls_cert is not None and settings.tls_key is not None
-            client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-                root_certificates=client_ca,
-                require_client_auth=client_ca is not None,
+            # Reloadable on SIGHUP: new connections get the certificates read last.
+            tls = ReloadableTls(
+                TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
             )
-            port = server.add_secure_port(settings.listen, credentials)
+            port = server.add_secure_port(settings.listen, tls.credentials)
         else:
             port = server.add_insecure_port(settings.listen)
+    except TlsFilesError as error:
+        raise StartupError(f"cannot use the TLS files: {error}") from None
     except (OSError, RuntimeError) as error:
         raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
     if port == 0:
         raise StartupError(f"cannot listen on {settings.listen}")
-    return port
+    return port, tls

@@ -37,6 +37,9 @@ class ServerSettings:
     ready_file: Path | None
     log_level: str
     health_listen: str | None = None
+    max_concurrent_rpcs: int = 256
+    metrics_listen: str | None = None
+    log_format: str = "json"
 
     @property
     def uses_tls(self) -> bool:
@@ -62,6 +65,17 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--ready-file", "KMS_READY_FILE", "write the bound host:port here once serving"),
     ("--log-level", "KMS_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     ("--health-listen", "KMS_HEALTH_LISTEN", "loopback host:port serving only grpc.health.v1"),
+    (
+        "--max-concurrent-rpcs",
+        "KMS_MAX_CONCURRENT_RPCS",
+        "calls in progress at once; more are refused with RESOURCE_EXHAUSTED (default 256)",
+    ),
+    (
+        "--metrics-listen",
+        "KMS_METRICS_LISTEN",
+        "host:port serving Prometheus metrics over HTTP (default: off)",
+    ),
+    ("--log-format", "KMS_LOG_FORMAT", "json (one object per line, the default) or text"),
 ]
 _FLAGS = [
     ("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
@@ -129,7 +143,19 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         ready_file=path("--ready-file", "KMS_READY_FILE"),
         log_level=(value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper(),
         health_listen=value("--health-listen", "KMS_HEALTH_LISTEN"),
+        max_concurrent_rpcs=number("--max-concurrent-rpcs", "KMS_MAX_CONCURRENT_RPCS", 256),
+        metrics_listen=value("--metrics-listen", "KMS_METRICS_LISTEN"),
+        log_format=(value("--log-format", "KMS_LOG_FORMAT") or "json").lower(),
     )
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")
+    if settings.metrics_listen:
+        _, sep, port = settings.metrics_listen.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ConfigError(
+                f"--metrics-listen / KMS_METRICS_LISTEN must be host:port, not "
+                f"{settings.metrics_listen!r}"
+            )
     if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
     check_transport(settings)

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import FrameType
 
 from server import config, devmode
+from server.api.observability import JsonFormatter
 from server.app import StartupError, create_server, open_database
 from server.crypto import RootKeyError
 from server.policy import PolicyError
@@ -37,9 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Migrating serves nothing, so the listening and TLS checks do not apply.
             parsed.insecure, parsed.listen = True, "127.0.0.1:0"
         settings = config.load(parsed, os.environ)
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-        )
+        _configure_logging(settings)
         if command == "migrate":
             open_database(settings, upgrade=True).dispose()
             print("the database schema is up to date")
@@ -67,21 +66,45 @@ def _serve(settings: config.ServerSettings) -> int:
     address = f"{host}:{running.port}" if ":" not in host else f"[{host}]:{running.port}"
     log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
     print(f"kms-server listening on {address}", flush=True)
+    if running.metrics_port is not None:
+        log.info("serving Prometheus metrics on port %d", running.metrics_port)
     if settings.ready_file:
         _write_atomically(settings.ready_file, address)
 
-    stopping = threading.Event()
+    # Signal handlers only set flags; the main thread does the work.
+    wake, stopping, reloading = threading.Event(), threading.Event(), threading.Event()
 
     def request_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s, shutting down", signal.Signals(signum).name)
         stopping.set()
+        wake.set()
+
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        reloading.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    stopping.wait()
+    signal.signal(signal.SIGHUP, request_reload)
+    while not stopping.is_set():
+        wake.wait()
+        wake.clear()
+        if reloading.is_set() and not stopping.is_set():
+            reloading.clear()
+            log.info("received SIGHUP, reloading the policy and certificates")
+            running.reload()
     running.stop()
     log.info("stopped")
     return 0
+
+
+def _configure_logging(settings: config.ServerSettings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level, handlers=[handler])
 
 
 def _write_atomically(path: Path, text: str) -> None:

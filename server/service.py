@@ -19,7 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import crypto
-from server.db.models import BackupBindingRow, KeyRow, KeyVersionRow
+from server.db.models import AuditEventRow, BackupBindingRow, KeyRow, KeyVersionRow
 from server.db.repository import Repository, audit_event_from_row
 from server.domain import model
 from server.domain.audit_chain import verify_chain
@@ -205,7 +205,8 @@ class KeyManagementService:
                 )
             key.active_version = to_version
             rotated = now_us()
-            event = repo.append_audit(
+            event = _append_audit(
+                repo,
                 time_us=rotated,
                 actor=caller.name,
                 action=Action.ROTATE,
@@ -522,7 +523,8 @@ class KeyManagementService:
                     repo = Repository(session)
                     result = work(repo)
                     if audit_on_success:
-                        repo.append_audit(
+                        _append_audit(
+                            repo,
                             time_us=now_us(),
                             actor=actor,
                             action=action_of() if action_of else action,
@@ -535,6 +537,12 @@ class KeyManagementService:
                 if error.audited:
                     self._audit_denial(actor, action_of() if action_of else action, audit, error)
                 raise
+            except _AuditWriteFailed as failed:
+                # Fail closed: the transaction rolled back, so the call changed nothing.
+                if attempt < MAX_ATTEMPTS and _is_transient(failed.cause):
+                    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+                    continue
+                raise self._audit_unavailable(failed.cause) from None
             except DATABASE_ERRORS as error:
                 if attempt < MAX_ATTEMPTS and _is_transient(error):
                     time.sleep(random.uniform(0, 0.005 * 2**attempt))
@@ -558,7 +566,22 @@ class KeyManagementService:
                 )
         except DATABASE_ERRORS as db_error:
             # Fail closed: a denial we cannot record is reported as the outage it is.
-            raise self._unavailable(db_error) from None
+            raise self._audit_unavailable(db_error) from None
+
+    def _audit_unavailable(self, error: sa_exc.SQLAlchemyError) -> Unavailable:
+        """An audit event could not be written, so the call it records was refused."""
+        if _is_outage(error):
+            return self._unavailable(error)
+        cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+        log.error(
+            "audit event not written, the call was refused and changed nothing: %s: %s",
+            type(cause).__name__,
+            str(cause).strip()[:200],
+        )
+        return Unavailable(
+            "AUDIT_UNAVAILABLE",
+            "the audit log cannot be written, so nothing was done; retry later",
+        )
 
     def _unavailable(self, error: sa_exc.SQLAlchemyError) -> Unavailable:
         cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
@@ -587,6 +610,30 @@ def _storable(fields: dict[str, Any]) -> dict[str, Any]:
             value = 0
         stored[name] = value
     return stored
+
+
+class _AuditWriteFailed(Exception):
+    """The database refused an audit event (raised inside the transaction it belongs to)."""
+
+    def __init__(self, cause: sa_exc.SQLAlchemyError) -> None:
+        super().__init__("audit write failed")
+        self.cause = cause
+
+
+def _append_audit(repo: Repository, **fields: Any) -> AuditEventRow:
+    try:
+        return repo.append_audit(**fields)
+    except DATABASE_ERRORS as error:
+        raise _AuditWriteFailed(error) from None
+
+
+def _is_outage(error: sa_exc.SQLAlchemyError) -> bool:
+    """The database is unreachable or busy, as opposed to refusing this statement."""
+    if isinstance(error, sa_exc.TimeoutError):
+        return True
+    return isinstance(error, sa_exc.DBAPIError) and (
+        error.connection_invalidated or isinstance(error, sa_exc.OperationalError)
+    )
 
 
 def _require(caller: Principal, role: Role) -> None:

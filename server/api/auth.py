@@ -15,6 +15,7 @@ import grpc
 
 from server.api.errors import abort
 from server.api.methods import ACTION_BY_METHOD, PUBLIC_SERVICES
+from server.api.observability import CURRENT_CALL
 from server.domain.errors import KmsError, PermissionDenied, Unauthenticated
 from server.domain.model import ANONYMOUS, Action, Principal
 from server.policy import Policy
@@ -65,6 +66,9 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
                 except KmsError as audit_error:
                     abort(context, audit_error)
                 abort(context, error)
+            call = CURRENT_CALL.get(None)
+            if call is not None:
+                call.actor = principal.name  # for the call's log line
             token = CURRENT_PRINCIPAL.set(principal)
             try:
                 return behaviour(request, context)

@@ -1,0 +1,278 @@
+"""What operators see: Prometheus metrics, one JSON log line per call, request ids.
+
+`ObservabilityInterceptor` is the outermost server interceptor, so it sees
+every call's final status, including `UNAUTHENTICATED` from the auth
+interceptor. It never looks at requests or responses, only at the method,
+the status, the AIP-193 reason and who called: nothing it records can hold
+key material or credentials.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+call_log = logging.getLogger("kms.call")
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass
+class CallInfo:
+    """What one call learns about itself as it goes; the auth interceptor fills in the actor."""
+
+    method: str
+    request_id: str
+    actor: str = "anonymous"
+
+
+CURRENT_CALL: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("kms_call")
+
+
+class Metrics:
+    """The server's metrics, in a registry of its own (several servers may share a process)."""
+
+    def __init__(self, active_versions: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = Counter(
+            "kms_calls",
+            "Calls answered, by method and gRPC status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "kms_call_duration_seconds",
+            "Time to answer a call, by method",
+            ["method"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.rotations = Counter(
+            "kms_rotations",
+            "Rotations of a key's active version that committed",
+            registry=self.registry,
+        )
+        self.denials = Counter(
+            "kms_denials",
+            "Calls refused as UNAUTHENTICATED or PERMISSION_DENIED, by reason",
+            ["code", "reason"],
+            registry=self.registry,
+        )
+        self.audit_write_failures = Counter(
+            "kms_audit_write_failures",
+            "Calls refused because their audit event could not be written",
+            registry=self.registry,
+        )
+        self.integrity_failures = Counter(
+            "kms_integrity_failures",
+            "Calls that met stored data failing its integrity check (DATA_LOSS)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.registry.register(_ActiveVersionCollector(active_versions))
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def observe(self, method: str, code: grpc.StatusCode, reason: str, seconds: float) -> None:
+        name = method.rsplit("/", 1)[-1]
+        self.calls.labels(name, code.name).inc()
+        self.latency.labels(name).observe(seconds)
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            self.denials.labels(code.name, reason or "UNKNOWN").inc()
+        elif code == grpc.StatusCode.DATA_LOSS:
+            self.integrity_failures.labels(reason or "UNKNOWN").inc()
+        elif reason == "AUDIT_UNAVAILABLE":
+            self.audit_write_failures.inc()
+        elif code == grpc.StatusCode.OK and name == "RotateActive":
+            self.rotations.inc()
+
+    def serve(self, listen: str) -> int:
+        """Serves /metrics over HTTP on host:port (port 0 picks one); returns the port."""
+        host, _, port = listen.rpartition(":")
+        self._http, self._thread = start_http_server(
+            int(port), addr=host.strip("[]") or "0.0.0.0", registry=self.registry
+        )
+        return int(self._http.server_port)
+
+    def stop(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+class _ActiveVersionCollector(Collector):
+    """Reads each key's active version from the database at scrape time (one small query).
+
+    Always right, even with several replicas rotating: nothing is cached in the process.
+    """
+
+    def __init__(self, active_versions: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        self._active_versions = active_versions
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily("kms_key_active_version", "The active version of each key")]
+
+    def collect(self) -> Iterable[Metric]:
+        gauge = GaugeMetricFamily(
+            "kms_key_active_version", "The active version of each key (0: none)", labels=["key"]
+        )
+        try:
+            for key_name, version in self._active_versions():
+                gauge.add_metric([key_name], version)
+        except Exception as error:  # a scrape must not fail because the database is down
+            log.warning("metrics: cannot read active versions: %s", type(error).__name__)
+        yield gauge
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+    """One log line and one metrics observation per call; the request id in trailing metadata."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming (reflection, health Watch) and unknown methods
+        method: str = handler_call_details.method
+        request_id = _request_id(handler_call_details.invocation_metadata or ())
+        behaviour = handler.unary_unary
+
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            call = CallInfo(method, request_id)
+            token = CURRENT_CALL.set(call)
+            started = time.perf_counter()
+            failure: BaseException | None = None
+            try:
+                return behaviour(request, context)
+            except BaseException as error:
+                failure = error
+                raise
+            finally:
+                CURRENT_CALL.reset(token)
+                self._finish(call, context, started, failure)
+
+        return grpc.unary_unary_rpc_method_handler(
+            observed,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _finish(
+        self,
+        call: CallInfo,
+        context: grpc.ServicerContext,
+        started: float,
+        failure: BaseException | None,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = context.code()  # type: ignore[attr-defined]
+        if not isinstance(code, grpc.StatusCode):
+            # Nothing set a status: a return is OK, an escaped exception becomes UNKNOWN.
+            code = grpc.StatusCode.OK if failure is None else grpc.StatusCode.UNKNOWN
+        trailing = tuple(context.trailing_metadata() or ())
+        reason = _reason(trailing)
+        context.set_trailing_metadata((*trailing, (REQUEST_ID_HEADER, call.request_id)))
+        if self._metrics is not None:
+            self._metrics.observe(call.method, code, reason, seconds)
+        if failure is not None and code == grpc.StatusCode.UNKNOWN:
+            log.error(
+                "unexpected error in %s: %s", call.method, type(failure).__name__, exc_info=failure
+            )
+        call_log.info(
+            "%s %s %s",
+            call.method,
+            code.name,
+            call.actor,
+            extra={
+                "call": {
+                    "method": call.method,
+                    "actor": call.actor,
+                    "status": code.name,
+                    "reason": reason,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "request_id": call.request_id,
+                    "peer": context.peer(),
+                }
+            },
+        )
+
+
+def _request_id(metadata: Iterable[tuple[str, Any]]) -> str:
+    for key, value in metadata:
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            if _SANE_REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex
+
+
+def _reason(trailing: Iterable[tuple[str, Any]]) -> str:
+    """The AIP-193 ErrorInfo reason from the status details an abort put in trailing metadata."""
+    for key, value in trailing:
+        if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status()
+        try:
+            status.ParseFromString(value)
+        except Exception:
+            return ""
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return str(info.reason)
+    return ""
+
+
+def current_request_id() -> str:
+    call = CURRENT_CALL.get(None)
+    return call.request_id if call is not None else ""
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the call's fields if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        call = getattr(record, "call", None)
+        if isinstance(call, dict):
+            entry.update(call)
+        else:
+            request_id = current_request_id()
+            if request_id:
+                entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+JsonFormatter.converter = time.gmtime
