@@ -95,6 +95,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     # SQLite is a local file: there is no connection to lose, so nothing to probe.
     embedded = engine.dialect.name == "sqlite"
     probe = None if embedded else DatabaseProbe(settings.database_url)
+    metrics: Metrics | None = None  # bound before anything below can fail
     try:
         service = KeyManagementService(
             make_sessionmaker(engine),
@@ -102,7 +103,8 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
             on_unavailable=probe.check_now if probe is not None else None,
         )
         service.check_root_key()
-        metrics = Metrics(lambda: _active_versions(engine)) if settings.metrics_listen else None
+        if settings.metrics_listen:
+            metrics = Metrics(lambda: _active_versions(engine))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers),
             # Outermost first: observability sees the final status of every call.
