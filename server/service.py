@@ -56,6 +56,7 @@ T = TypeVar("T")
 ROOT_KEY_CHECK = "root_key_check"
 # PostgreSQL SQLSTATEs worth retrying: serialization_failure, deadlock_detected.
 RETRYABLE_SQLSTATES = {"40001", "40P01"}
+UNIQUE_VIOLATION = "23505"
 MAX_ATTEMPTS = 5
 # What the database layer raises when it fails or cannot be reached. A pool
 # timeout (sqlalchemy.exc.TimeoutError) is not a DBAPIError but is an outage too.
@@ -712,9 +713,14 @@ def _decode_name_token(page_token: str) -> str:
 def _is_transient(error: sa_exc.SQLAlchemyError) -> bool:
     if not isinstance(error, sa_exc.DBAPIError):
         return False  # a pool timeout has already waited long enough
-    if isinstance(error, sa_exc.IntegrityError):
-        return True  # a concurrent insert of the same key or binding: the retry sees it
     sqlstate = getattr(error.orig, "sqlstate", None)
+    if isinstance(error, sa_exc.IntegrityError):
+        # Only a duplicate key is transient (a concurrent insert of the same key or
+        # binding, which the retry then sees); any other constraint always fails.
+        return sqlstate == UNIQUE_VIOLATION or getattr(error.orig, "sqlite_errorname", "") in (
+            "SQLITE_CONSTRAINT_PRIMARYKEY",
+            "SQLITE_CONSTRAINT_UNIQUE",
+        )
     if sqlstate in RETRYABLE_SQLSTATES:
         return True
     return "database is locked" in str(error.orig)
