@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a hotspot summary",
     )
     parser.add_argument(
-        "--profile-seconds", type=float, default=15.0, help="py-spy duration (default 15)"
+        "--profile-seconds", type=int, default=15, help="py-spy duration (default 15)"
     )
     parser.add_argument(
         "--skip", action="append", default=[], choices=["archives", "scale"],

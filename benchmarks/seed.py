@@ -157,7 +157,7 @@ def seed(
 
         with engine.begin() as connection:
             for batch in _batches(binding_rows()):
-                connection.execute(_table(BackupBindingRow).insert(), batch)
+                _insert(connection, _table(BackupBindingRow), batch)
 
         with engine.begin() as connection:
             _append_audit_chain(connection, audit_events, names, per_key)
@@ -171,6 +171,19 @@ def seed(
         seconds=time.perf_counter() - started,
         sample_backup_ids=sample,
     )
+
+
+def _insert(connection: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """A Core executemany; on SQLite straight to the driver with tuples, three times faster."""
+    if connection.dialect.name != "sqlite":
+        connection.execute(table.insert(), rows)
+        return
+    columns = list(rows[0])
+    sql = (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+    connection.exec_driver_sql(sql, [tuple(row[c] for c in columns) for row in rows])
 
 
 def _append_audit_chain(connection: Connection, count: int, names: list[str], per_key: int) -> None:
@@ -210,7 +223,7 @@ def _append_audit_chain(connection: Connection, count: int, names: list[str], pe
             yield fields
 
     for batch in _batches(events()):
-        connection.execute(_table(AuditEventRow).insert(), batch)
+        _insert(connection, _table(AuditEventRow), batch)
     if row is None:
         connection.execute(heads.insert().values(id=1, sequence=sequence, event_hash=previous))
     else:
