@@ -14,12 +14,17 @@ are 256-bit random values, so a fast hash is enough):
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.domain.model import Principal, Role
+
+# Principal names end up in every audit event's actor column (256 characters).
+MAX_PRINCIPAL_NAME_LENGTH = 128
+PRINCIPAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}")
 
 
 class PolicyError(Exception):
@@ -61,6 +66,11 @@ class Policy:
         by_token_hash: dict[str, Principal] = {}
         for name, entry in entries.items():
             where = f"{source}: principal {name!r}"
+            if PRINCIPAL_NAME_PATTERN.fullmatch(name) is None:
+                raise PolicyError(
+                    f"{where}: a principal name is 1 to {MAX_PRINCIPAL_NAME_LENGTH} characters "
+                    "from A-Z a-z 0-9 . _ @ : -"
+                )
             if not isinstance(entry, dict):
                 raise PolicyError(f"{where} must be a table")
             unknown = set(entry) - {"roles", "token_sha256"}

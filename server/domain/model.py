@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from server.domain.errors import InvalidArgument
@@ -179,7 +180,8 @@ def check_reason(reason: str) -> str:
         raise InvalidArgument(
             "REASON_TOO_LONG", f"reason must be at most {MAX_REASON_LENGTH} characters"
         )
-    if any(ord(c) < 32 and c not in "\t" for c in reason):
+    # C0, DEL and C1 controls could forge lines or escapes in logs and terminals.
+    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in reason):
         raise InvalidArgument("REASON_INVALID", "reason must not contain control characters")
     return reason
 

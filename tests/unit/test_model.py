@@ -80,6 +80,8 @@ def test_valid_reasons(text: str) -> None:
         ("a\nb", "REASON_INVALID"),
         ("a\x00", "REASON_INVALID"),
         ("\x1b[31m", "REASON_INVALID"),
+        ("del\x7f", "REASON_INVALID"),
+        ("c1\x9b31m", "REASON_INVALID"),
     ],
 )
 def test_invalid_reasons(text: str, expected: str) -> None:

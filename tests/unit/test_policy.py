@@ -115,3 +115,9 @@ def test_load_refuses_invalid_toml(tmp_path: Path) -> None:
 def test_load_refuses_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(PolicyError, match="cannot read"):
         Policy.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize("name", ["", "x" * 129, "has space", "new\nline", "-leading"])
+def test_a_principal_name_that_cannot_be_audited_is_refused(name: str) -> None:
+    with pytest.raises(PolicyError, match="principal name"):
+        Policy.parse({"principals": {name: {"roles": ["admin"]}}})
