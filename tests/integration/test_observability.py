@@ -141,6 +141,8 @@ def test_metrics_are_off_by_default(kms: RunningKms) -> None:
 def test_kms_server_process_logs_json_and_reloads_its_policy_on_sighup(tmp_path: Path) -> None:
     """The real process: JSON log lines on stderr, SIGHUP reloads, SIGTERM stops cleanly."""
     data_dir, ready = tmp_path / "kms", tmp_path / "ready"
+    # A file, not a pipe: a pipe nobody reads fills up and blocks the server's logging.
+    log_file = (tmp_path / "stderr.log").open("w")
     process = subprocess.Popen(
         [
             sys.executable,
@@ -156,8 +158,8 @@ def test_kms_server_process_logs_json_and_reloads_its_policy_on_sighup(tmp_path:
             "--log-format",
             "json",
         ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=log_file,
         cwd=Path(__file__).resolve().parents[2],
         env={k: v for k, v in os.environ.items() if not k.startswith("KMS_")},
         text=True,
@@ -165,7 +167,7 @@ def test_kms_server_process_logs_json_and_reloads_its_policy_on_sighup(tmp_path:
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():
-            assert process.poll() is None, process.communicate()
+            assert process.poll() is None, (tmp_path / "stderr.log").read_text()
             assert time.monotonic() < deadline, "kms-server did not start"
             time.sleep(0.05)
         address = ready.read_text()
@@ -193,11 +195,13 @@ def test_kms_server_process_logs_json_and_reloads_its_policy_on_sighup(tmp_path:
                 assert time.monotonic() < deadline, "the SIGHUP reload did not take effect"
                 time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=30)
+        process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+            process.wait()
+        log_file.close()
+    stderr = (tmp_path / "stderr.log").read_text()
     assert process.returncode == 0, stderr
     entries = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     assert entries, "no log lines"
