@@ -51,6 +51,7 @@ class KmsServer:
     tls: ReloadableTls | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    service: KeyManagementService | None = None
 
     def reload(self) -> bool:
         """Reloads the policy file and the TLS certificates (SIGHUP); True if all of it worked.
@@ -67,6 +68,8 @@ class KmsServer:
             self.probe.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_seconds).wait()
+        if self.service is not None:
+            self.service.close()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         if self.metrics is not None:
@@ -96,6 +99,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     embedded = engine.dialect.name == "sqlite"
     probe = None if embedded else DatabaseProbe(settings.database_url)
     metrics: Metrics | None = None  # bound before anything below can fail
+    service: KeyManagementService | None = None
     try:
         service = KeyManagementService(
             make_sessionmaker(engine),
@@ -135,6 +139,8 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         )
         server.start()
     except BaseException:
+        if service is not None:
+            service.close()
         if probe is not None:
             probe.stop()
         if metrics is not None:
@@ -157,6 +163,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         tls=tls,
         metrics=metrics,
         metrics_port=metrics_port,
+        service=service,
     )
     if settings.health_listen:
         running.health_server = _start_health_server(settings.health_listen, health_servicer)

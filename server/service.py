@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from server import crypto
-from server.db.models import AuditEventRow, BackupBindingRow, KeyRow, KeyVersionRow
+from server.db.models import BackupBindingRow, KeyRow, KeyVersionRow
 from server.db.repository import Repository, audit_event_from_row
 from server.domain import model
 from server.domain.audit_chain import verify_chain
@@ -48,6 +48,7 @@ from server.domain.model import (
     VersionOrigin,
     VersionState,
 )
+from server.group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ class KeyManagementService:
         self._root_key = root_key
         # Told when a call fails because the database is unreachable (the health probe).
         self._on_unavailable = on_unavailable
+        self._materials: dict[tuple[str, int, bytes], bytes] = {}
+        self._committer = GroupCommitter(self._run_data_key_batch)
+
+    def close(self) -> None:
+        """Stops the group committer once in-flight calls are done."""
+        self._committer.stop()
 
     # Start-up
 
@@ -206,7 +213,7 @@ class KeyManagementService:
                 )
             key.active_version = to_version
             rotated = now_us()
-            event = _append_audit(
+            sequence = _append_audit(
                 repo,
                 time_us=rotated,
                 actor=caller.name,
@@ -215,73 +222,50 @@ class KeyManagementService:
                 status_code="OK",
                 **asdict(audit),
             )
-            return Rotation(current or None, to_version, rotated, event.sequence)
+            return Rotation(current or None, to_version, rotated, sequence)
 
         return self._run(caller.name, Action.ROTATE, audit, work, audit_on_success=False)
 
     def get_active_key(self, caller: Principal, key_name: str, backup_id: str) -> DataKey:
-        audit = AuditContext(key_name=key_name, backup_id=backup_id)
+        request = _DataKeyRequest(caller.name, Action.ISSUE_DATA_KEY, backup_id, key_name)
 
-        def work(repo: Repository) -> DataKey:
+        def check() -> None:
             _require(caller, Role.BACKUP)
             model.check_key_name(key_name)
             model.check_backup_id(backup_id)
-            binding = repo.get_binding(backup_id)
-            if binding is not None:
-                if binding.key_name != key_name:
-                    raise AlreadyExists(
-                        "BACKUP_ID_IN_USE",
-                        f"backup id {backup_id} is already bound to another key",
-                    )
-                audit.version = binding.version
-                audit.detail = "repeated request: returned the existing binding"
-                return self._data_key_from_binding(repo, binding)
-            key = _existing_key(repo, key_name)
-            if key.active_version is None:
-                raise FailedPrecondition(
-                    "NO_ACTIVE_VERSION",
-                    f"key {key_name} has no active version; activate one with RotateActive",
-                )
-            version = key.active_version
-            audit.version = version
-            material = self._usable_material(repo, key_name, version)
-            data_key = crypto.new_key_material()
-            wrapped = crypto.wrap_data_key(material, backup_id, key_name, version, data_key)
-            repo.add_binding(
-                BackupBindingRow(
-                    backup_id=backup_id,
-                    key_name=key_name,
-                    version=version,
-                    wrapped_data_key=wrapped,
-                    created_us=now_us(),
-                    recovered=False,
-                )
-            )
-            return DataKey(backup_id, key_name, version, data_key, wrapped)
 
-        return self._run(caller.name, Action.ISSUE_DATA_KEY, audit, work)
+        return self._in_next_batch(request, check)
 
     def resolve_key_for_backup(
         self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
     ) -> DataKey:
+        request = _DataKeyRequest(caller.name, Action.RESOLVE_DATA_KEY, backup_id, "", recovery)
+
+        def check() -> None:
+            _require(caller, Role.RESTORE)
+            model.check_backup_id(backup_id)
+
+        try:
+            return self._in_next_batch(request, check)
+        except _NeedsRecovery:
+            assert recovery is not None
+            return self._recover(caller, backup_id, recovery)
+
+    def _recover(self, caller: Principal, backup_id: str, recovery: BackupKeyReference) -> DataKey:
+        """ResolveKeyForBackup when the database has no binding for the backup (rare: unbatched)."""
         audit = AuditContext(backup_id=backup_id)
-        action = Action.RESOLVE_DATA_KEY
+        action = Action.RECOVER_BINDING
 
         def work(repo: Repository) -> DataKey:
             nonlocal action
-            _require(caller, Role.RESTORE)
-            model.check_backup_id(backup_id)
             binding = repo.get_binding(backup_id)
-            if binding is None and recovery is None:
-                raise NotFound("BACKUP_NOT_FOUND", f"no key is bound to backup {backup_id}")
             if binding is None:
-                assert recovery is not None
-                action = Action.RECOVER_BINDING
                 return self._recover_binding(repo, backup_id, recovery, audit)
+            # Recovered by a concurrent call meanwhile: an ordinary resolve now.
+            action = Action.RESOLVE_DATA_KEY
             audit.key_name, audit.version = binding.key_name, binding.version
             return self._data_key_from_binding(repo, binding)
 
-        # The action is known only once the binding is looked up: resolve or recover.
         return self._run(caller.name, action, audit, work, action_of=lambda: action)
 
     def get_key_version(self, caller: Principal, key_name: str, version: int) -> KeyVersionInfo:
@@ -447,9 +431,27 @@ class KeyManagementService:
             raise IntegrityFailure(
                 "BINDING_WITHOUT_VERSION", f"{key_name} version {version} is missing"
             )
-        _require_usable(row, f"{key_name} version {version} cannot be used")
+        return self._material(row)
+
+    def _material(self, row: _VersionLike) -> bytes:
+        """A usable version's unwrapped material, from the cache when its wrapped blob is known.
+
+        The cache is keyed by the wrapped blob read in the caller's own transaction,
+        so a destroyed (blob erased) or disabled (state checked first) version is
+        never served from it, on this replica or any other.
+        """
+        _require_usable(row, f"{row.key_name} version {row.version} cannot be used")
         assert row.wrapped_material is not None
-        return self._root_key.unwrap_version_material(key_name, version, row.wrapped_material)
+        cache_key = (row.key_name, row.version, row.wrapped_material)
+        material = self._materials.get(cache_key)
+        if material is None:
+            material = self._root_key.unwrap_version_material(
+                row.key_name, row.version, row.wrapped_material
+            )
+            if len(self._materials) >= MATERIAL_CACHE_SIZE:
+                self._materials.clear()
+            self._materials[cache_key] = material
+        return material
 
     def _data_key_from_binding(self, repo: Repository, binding: BackupBindingRow) -> DataKey:
         material = self._usable_material(repo, binding.key_name, binding.version)
@@ -505,6 +507,175 @@ class KeyManagementService:
         audit.detail = "binding recovered from the archive header"
         return DataKey(
             backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
+        )
+
+    def _in_next_batch(self, request: _DataKeyRequest, check: Callable[[], None]) -> DataKey:
+        """Checks the caller and the input here, then lets the group committer do the rest."""
+        try:
+            check()
+        except KmsError as error:
+            audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
+            self._audit_denial(request.actor, request.action, audit, error)
+            raise
+        self._committer.submit(request)
+        if request.outcome is None:
+            raise RuntimeError("the group committer returned no outcome")
+        if isinstance(request.outcome, BaseException):
+            raise request.outcome
+        return request.outcome
+
+    def _run_data_key_batch(self, requests: Sequence[_DataKeyRequest]) -> None:
+        """One transaction for a batch of GetActiveKey / ResolveKeyForBackup calls.
+
+        Every call's binding and audit event (allowed or denied) commit together;
+        a call's outcome is published only after the commit.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self._sessions.begin() as session:
+                    repo = Repository(session)
+                    bindings, events = self._decide_data_keys(repo, requests)
+                    repo.add_bindings(bindings)
+                    try:
+                        repo.append_audit_events(events)
+                    except DATABASE_ERRORS as error:
+                        raise _AuditWriteFailed(error) from None
+                return
+            except _AuditWriteFailed as failed:
+                if attempt < MAX_ATTEMPTS and _is_transient(failed.cause):
+                    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+                    continue
+                failure: BaseException = self._audit_unavailable(failed.cause)
+            except DATABASE_ERRORS as error:
+                if attempt < MAX_ATTEMPTS and _is_transient(error):
+                    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+                    continue
+                failure = self._unavailable(error)
+            except Exception as error:  # a bug: fail every call of the batch, loudly
+                log.exception("data-key batch failed")
+                failure = error
+            # Rolled back: no call of the batch changed anything.
+            for request in requests:
+                request.outcome = failure
+            return
+
+    def _decide_data_keys(
+        self, repo: Repository, requests: Sequence[_DataKeyRequest]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Sets each request's outcome; returns the new binding rows and the audit events."""
+        found = repo.bindings_by_backup_id({r.backup_id for r in requests})
+        bindings = {
+            backup_id: _Binding(row.key_name, row.version, row.wrapped_data_key)
+            for backup_id, row in found.items()
+        }
+        issuing = {r.key_name for r in requests if r.action is Action.ISSUE_DATA_KEY}
+        actives = repo.active_versions(issuing) if issuing else {}
+        pairs = {(b.key_name, b.version) for b in bindings.values()}
+        pairs |= {(name, active) for name, active in actives.items() if active is not None}
+        versions = repo.versions_by_pair(pairs)
+
+        new_bindings: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        now = now_us()
+        for request in requests:
+            audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
+            try:
+                if request.action is Action.ISSUE_DATA_KEY:
+                    request.outcome = self._issue(request, bindings, actives, versions, audit)
+                    if request.backup_id not in found and request.outcome is not None:
+                        new_bindings.append(_binding_row(request.outcome, now))
+                else:
+                    request.outcome = self._resolve(request, bindings, versions, audit)
+                outcome, status, detail = Outcome.ALLOWED, "OK", audit.detail
+            except _NeedsRecovery as needs:
+                request.outcome = needs  # audited by the recovery transaction instead
+                continue
+            except KmsError as error:
+                request.outcome = error
+                outcome, status, detail = Outcome.DENIED, error.status_name, error.message
+            fields = _storable({**asdict(audit), "detail": detail})
+            events.append(
+                {
+                    **fields,
+                    "time_us": now,
+                    "actor": request.actor,
+                    "action": request.action,
+                    "outcome": outcome,
+                    "status_code": status,
+                }
+            )
+        return new_bindings, events
+
+    def _issue(
+        self,
+        request: _DataKeyRequest,
+        bindings: dict[str, _Binding],
+        actives: dict[str, int | None],
+        versions: Mapping[tuple[str, int], _VersionLike],
+        audit: AuditContext,
+    ) -> DataKey:
+        key_name, backup_id = request.key_name, request.backup_id
+        binding = bindings.get(backup_id)
+        if binding is not None:
+            if binding.key_name != key_name:
+                raise AlreadyExists(
+                    "BACKUP_ID_IN_USE", f"backup id {backup_id} is already bound to another key"
+                )
+            audit.version = binding.version
+            audit.detail = "repeated request: returned the existing binding"
+            return self._unwrap_bound(backup_id, binding, versions)
+        if key_name not in actives:
+            raise NotFound("KEY_NOT_FOUND", f"key {key_name} does not exist")
+        version = actives[key_name]
+        if version is None:
+            raise FailedPrecondition(
+                "NO_ACTIVE_VERSION",
+                f"key {key_name} has no active version; activate one with RotateActive",
+            )
+        audit.version = version
+        material = self._material(versions[(key_name, version)])
+        data_key = crypto.new_key_material()
+        wrapped = crypto.wrap_data_key(material, backup_id, key_name, version, data_key)
+        # Later requests of the same batch for this backup id see this binding.
+        bindings[backup_id] = _Binding(key_name, version, wrapped)
+        return DataKey(backup_id, key_name, version, data_key, wrapped)
+
+    def _resolve(
+        self,
+        request: _DataKeyRequest,
+        bindings: dict[str, _Binding],
+        versions: Mapping[tuple[str, int], _VersionLike],
+        audit: AuditContext,
+    ) -> DataKey:
+        binding = bindings.get(request.backup_id)
+        if binding is None:
+            if request.recovery is not None:
+                raise _NeedsRecovery()
+            raise NotFound("BACKUP_NOT_FOUND", f"no key is bound to backup {request.backup_id}")
+        audit.key_name, audit.version = binding.key_name, binding.version
+        return self._unwrap_bound(request.backup_id, binding, versions)
+
+    def _unwrap_bound(
+        self,
+        backup_id: str,
+        binding: _Binding,
+        versions: Mapping[tuple[str, int], _VersionLike],
+    ) -> DataKey:
+        row = versions.get((binding.key_name, binding.version))
+        if row is None:
+            raise IntegrityFailure(
+                "BINDING_WITHOUT_VERSION",
+                f"{binding.key_name} version {binding.version} is missing",
+            )
+        data_key = crypto.unwrap_data_key(
+            self._material(row),
+            backup_id,
+            binding.key_name,
+            binding.version,
+            binding.wrapped_data_key,
+        )
+        return DataKey(
+            backup_id, binding.key_name, binding.version, data_key, binding.wrapped_data_key
         )
 
     def _run(
@@ -592,6 +763,51 @@ class KeyManagementService:
         return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
 
 
+MATERIAL_CACHE_SIZE = 4096  # unwrapped version materials kept in memory (32 bytes each)
+
+
+class _VersionLike(Protocol):
+    key_name: str
+    version: int
+    state: str
+    wrapped_material: bytes | None
+
+
+@dataclass(frozen=True)
+class _Binding:
+    key_name: str
+    version: int
+    wrapped_data_key: bytes
+
+
+@dataclass
+class _DataKeyRequest:
+    """One GetActiveKey or ResolveKeyForBackup call waiting for its batch."""
+
+    actor: str
+    action: Action
+    backup_id: str
+    key_name: str
+    recovery: BackupKeyReference | None = None
+    # Set by the batch: the data key, or the error to raise in the caller's thread.
+    outcome: DataKey | BaseException | None = None
+
+
+class _NeedsRecovery(Exception):
+    """No binding, but the caller offered the archive header: recover off the batch."""
+
+
+def _binding_row(key: DataKey, created_us: int) -> dict[str, Any]:
+    return {
+        "backup_id": key.backup_id,
+        "key_name": key.key_name,
+        "version": key.version,
+        "wrapped_data_key": key.wrapped,
+        "created_us": created_us,
+        "recovered": False,
+    }
+
+
 # Audit rows hold names and ids in VARCHAR(128) and versions in 32-bit integers.
 _STRING_LIMITS = {"key_name": model.MAX_NAME_LENGTH, "backup_id": model.MAX_NAME_LENGTH}
 
@@ -621,7 +837,7 @@ class _AuditWriteFailed(Exception):
         self.cause = cause
 
 
-def _append_audit(repo: Repository, **fields: Any) -> AuditEventRow:
+def _append_audit(repo: Repository, **fields: Any) -> int:
     try:
         return repo.append_audit(**fields)
     except DATABASE_ERRORS as error:
@@ -658,7 +874,7 @@ def _existing_version(repo: Repository, key_name: str, version: int) -> KeyVersi
     return row
 
 
-def _require_usable(row: KeyVersionRow, what: str) -> None:
+def _require_usable(row: _VersionLike, what: str) -> None:
     if row.state == VersionState.DESTROYED:
         raise FailedPrecondition(
             "KEY_VERSION_DESTROYED", f"{what}: {row.key_name} version {row.version} was destroyed"

@@ -7,9 +7,10 @@ which holds the database's single write lock for the whole transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Row, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from server.db.models import (
@@ -20,8 +21,8 @@ from server.db.models import (
     KeyVersionRow,
     ServerMetaRow,
 )
-from server.domain.audit_chain import GENESIS_HASH, HASHED_FIELDS, event_hash
-from server.domain.model import AuditEvent, Outcome
+from server.domain.audit_chain import GENESIS_HASH, event_hash
+from server.domain.model import AuditEvent
 
 
 class Repository:
@@ -94,52 +95,77 @@ class Repository:
 
     # Audit log
 
-    def append_audit(
-        self,
-        *,
-        time_us: int,
-        actor: str,
-        action: str,
-        outcome: Outcome,
-        status_code: str,
-        key_name: str = "",
-        version: int = 0,
-        from_version: int = 0,
-        to_version: int = 0,
-        backup_id: str = "",
-        reason: str = "",
-        detail: str = "",
-    ) -> AuditEventRow:
-        """Appends one event after the current head, holding the head's lock until commit."""
-        head = self._session.scalars(
-            select(AuditHeadRow).where(AuditHeadRow.id == 1).with_for_update()
-        ).one_or_none()
-        if head is None:
-            head = AuditHeadRow(id=1, sequence=0, event_hash=GENESIS_HASH)
-            self._session.add(head)
-        fields: dict[str, object] = {
-            "sequence": head.sequence + 1,
-            "time_us": time_us,
-            "actor": actor,
-            "action": action,
-            "outcome": str(outcome),
-            "status_code": status_code,
-            "key_name": key_name,
-            "version": version,
-            "from_version": from_version,
-            "to_version": to_version,
-            "backup_id": backup_id,
-            "reason": reason,
-            "detail": detail,
-        }
-        assert set(fields) == set(HASHED_FIELDS)
-        digest = event_hash(head.event_hash, fields)
-        row = AuditEventRow(**fields, previous_hash=head.event_hash, event_hash=digest)
-        self._session.add(row)
-        head.sequence = row.sequence
-        head.event_hash = digest
-        self._session.flush()
-        return row
+    def append_audit(self, **fields: Any) -> int:
+        """Appends one event (see `append_audit_events`); returns its sequence number."""
+        return self.append_audit_events([fields])[0]
+
+    def append_audit_events(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Appends events after the current head, holding the head's row lock until commit.
+
+        Each mapping has the hashed fields but `sequence`, which the head assigns.
+        Returns the sequence numbers, in order.
+        """
+        if not events:
+            return []  # an INSERT with no rows would insert one row of defaults
+        head = self._session.execute(
+            select(AuditHeadRow.sequence, AuditHeadRow.event_hash)
+            .where(AuditHeadRow.id == 1)
+            .with_for_update()
+        ).one()
+        sequence, previous = head.sequence, head.event_hash
+        rows = []
+        for event in events:
+            sequence += 1
+            fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
+            fields["outcome"] = str(fields["outcome"])
+            digest = event_hash(previous, fields)
+            rows.append({**fields, "previous_hash": previous, "event_hash": digest})
+            previous = digest
+        self._session.execute(insert(AuditEventRow), rows)
+        self._session.execute(
+            update(AuditHeadRow)
+            .where(AuditHeadRow.id == 1)
+            .values(sequence=sequence, event_hash=previous)
+        )
+        return [row["sequence"] for row in rows]
+
+    # Batched look-ups for the data-key hot path: one query per table for a whole batch.
+
+    def bindings_by_backup_id(self, backup_ids: Collection[str]) -> dict[str, BindingFacts]:
+        rows = self._session.execute(
+            select(
+                BackupBindingRow.backup_id,
+                BackupBindingRow.key_name,
+                BackupBindingRow.version,
+                BackupBindingRow.wrapped_data_key,
+            ).where(BackupBindingRow.backup_id.in_(backup_ids))
+        )
+        return {row.backup_id: row for row in rows}
+
+    def active_versions(self, key_names: Collection[str]) -> dict[str, int | None]:
+        rows = self._session.execute(
+            select(KeyRow.name, KeyRow.active_version).where(KeyRow.name.in_(key_names))
+        )
+        return {row.name: row.active_version for row in rows}
+
+    def versions_by_pair(
+        self, pairs: Collection[tuple[str, int]]
+    ) -> dict[tuple[str, int], VersionFacts]:
+        if not pairs:
+            return {}
+        rows = self._session.execute(
+            select(
+                KeyVersionRow.key_name,
+                KeyVersionRow.version,
+                KeyVersionRow.state,
+                KeyVersionRow.wrapped_material,
+            ).where(tuple_(KeyVersionRow.key_name, KeyVersionRow.version).in_(list(pairs)))
+        )
+        return {(row.key_name, row.version): row for row in rows}
+
+    def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
+        if bindings:
+            self._session.execute(insert(BackupBindingRow), list(bindings))
 
     def list_audit(self, after_sequence: int, limit: int, key_name: str) -> list[AuditEventRow]:
         query = select(AuditEventRow).where(AuditEventRow.sequence > after_sequence)
@@ -168,6 +194,22 @@ class Repository:
 
     def set_meta(self, name: str, value: bytes) -> None:
         self._session.merge(ServerMetaRow(name=name, value=value))
+
+
+# Result rows of the batched look-ups, read by attribute (row.version, row.state...).
+BindingFacts = Row[str, str, int, bytes]  # backup_id, key_name, version, wrapped_data_key
+VersionFacts = Row[str, int, str, bytes | None]  # key_name, version, state, wrapped_material
+
+# What an audit event says when a field does not concern it.
+_AUDIT_DEFAULTS: dict[str, Any] = {
+    "key_name": "",
+    "version": 0,
+    "from_version": 0,
+    "to_version": 0,
+    "backup_id": "",
+    "reason": "",
+    "detail": "",
+}
 
 
 def audit_event_from_row(row: AuditEventRow) -> AuditEvent:
