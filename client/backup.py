@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -90,9 +89,12 @@ def write_payload(source: str, kind: PayloadKind, writer: ArchiveWriter) -> None
     if kind is PayloadKind.STREAM:
         copy_into(sys.stdin.buffer, writer, chunk)
     elif kind is PayloadKind.FILE:
-        with open(source, "rb") as file:
+        # Unbuffered: the writer reads straight into its segment buffers.
+        with open(source, "rb", buffering=0) as file:
             copy_into(file, writer, chunk)
     else:
+        import tarfile  # only trees need it (a measurable part of start-up otherwise)
+
         # Stream mode never seeks, so the tar goes straight into the encrypting writer.
         # A write-only file object is all that "w|" uses, though typeshed asks for more.
         with tarfile.open(  # type: ignore[call-overload]
@@ -185,6 +187,12 @@ def print_summary(result: BackupResult, *, as_json: bool, to_stderr: bool) -> No
         )
 
 
+def _is_tar_error(exc: BaseException) -> bool:
+    """A tarfile error, without importing tarfile for backups that never used it."""
+    tarfile = sys.modules.get("tarfile")
+    return tarfile is not None and isinstance(exc, tarfile.TarError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -199,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(
             PROG, str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"
         )
-    except tarfile.TarError as exc:
+    except Exception as exc:
+        if not _is_tar_error(exc):
+            raise
         return print_error(PROG, f"cannot archive the tree: {exc}")
     print_summary(result, as_json=args.json, to_stderr=args.output == STDIO)
     return EXIT_OK

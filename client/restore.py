@@ -16,12 +16,11 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import grpc
 
@@ -50,6 +49,9 @@ from client.kms_client import (
     config_from_args,
 )
 from kms.v1 import kms_pb2
+
+if TYPE_CHECKING:
+    import tarfile
 
 PROG = "kms-restore"
 STDIO = "-"
@@ -180,6 +182,8 @@ def _decrypt_to_temp_file(
 
 def _restore_symlink_times(tar: tarfile.TarFile, staging: Path) -> None:
     """tarfile leaves a symlink's own mtime at "now"; set it without following the link."""
+    import tarfile
+
     if os.utime not in os.supports_follow_symlinks:
         return
     for member in tar.getmembers():
@@ -191,6 +195,8 @@ def _restore_symlink_times(tar: tarfile.TarFile, staging: Path) -> None:
 
 def _extract_tree(payload: Path, target: Path, *, force: bool) -> None:
     """Extract a verified tar into a staging directory beside target, then rename it in."""
+    import tarfile  # only trees need it (a measurable part of start-up otherwise)
+
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
     try:
         with tarfile.open(payload, mode="r:") as tar:
@@ -269,6 +275,12 @@ def print_summary(result: RestoreResult, *, as_json: bool) -> None:
     )
 
 
+def _is_tar_error(exc: BaseException) -> bool:
+    """A tarfile error, without importing tarfile for restores that never used it."""
+    tarfile = sys.modules.get("tarfile")
+    return tarfile is not None and isinstance(exc, tarfile.TarError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_error(
             PROG, str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"
         )
-    except tarfile.TarError as exc:
+    except Exception as exc:
+        if not _is_tar_error(exc):
+            raise
         # Also raised by the extraction filter for members that would escape the target.
         return print_error(PROG, f"refusing to extract the tree: {exc}")
     print_summary(result, as_json=args.json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,9 @@ from client.archive import (
     TrailingDataError,
     TruncatedError,
     UnsupportedVersionError,
+    copy_into,
     decrypt_to,
+    iter_plaintext,
     read_header,
     verify,
 )
@@ -291,3 +294,130 @@ def test_archive_does_not_contain_the_data_key_or_plaintext() -> None:
     archive = seal(payload)
     assert KEY not in archive
     assert b"recognisable" not in archive
+
+
+# Segments are sealed and opened on worker threads (client.archive._Pipeline): output order,
+# error order and "nothing after a failed segment" must be those of a sequential reader.
+
+
+class TrickleReader(io.RawIOBase):
+    """A pipe-like source: readinto returns at most `step` bytes at a time."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = memoryview(data)
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        count = min(len(buffer), self._step, len(self._data))
+        buffer[:count] = self._data[:count]
+        self._data = self._data[count:]
+        return count
+
+
+@pytest.mark.parametrize("step", [1, 7, SEGMENT, 3 * SEGMENT + 1])
+@pytest.mark.parametrize("size", [0, SEGMENT, 5 * SEGMENT, 40 * SEGMENT + 3])
+def test_readfrom_with_short_reads_makes_the_same_archive(size: int, step: int) -> None:
+    payload = os.urandom(size)
+    out = io.BytesIO()
+    with ArchiveWriter(out, make_header(), KEY) as writer:
+        assert writer.readfrom(TrickleReader(payload, step)) == size
+    assert out.getvalue() == seal(payload)
+    assert writer.plaintext_bytes == size
+    assert writer.segments_written == len(segments(out.getvalue()))
+
+
+def test_many_segments_come_out_in_order_both_ways() -> None:
+    payload = os.urandom(300 * SEGMENT + 17)
+    archive = seal(payload)
+    assert open_archive(archive) == payload
+    stream = io.BytesIO(archive)
+    assert b"".join(iter_plaintext(stream, read_header(stream), KEY)) == payload
+
+
+def test_default_segments_on_threads_round_trip_through_files(tmp_path: Path) -> None:
+    payload = os.urandom((1 << 20) * 9 + 123)
+    header = make_header(segment_size=1 << 20)
+    (tmp_path / "in").write_bytes(payload)
+    with (
+        open(tmp_path / "in", "rb", buffering=0) as source,
+        open(tmp_path / "a.kms", "wb") as out,
+        ArchiveWriter(out, header, KEY) as writer,
+    ):
+        copy_into(source, writer, 1 << 20)
+    assert (tmp_path / "a.kms").read_bytes() == seal(payload, header)
+    with open(tmp_path / "a.kms", "rb") as stream, open(tmp_path / "out", "wb") as out:
+        assert decrypt_to(stream, read_header(stream), KEY, out) == len(payload)
+    assert (tmp_path / "out").read_bytes() == payload
+
+
+def test_nothing_after_a_failed_segment_is_written() -> None:
+    payload = os.urandom(50 * SEGMENT)
+    archive = seal(payload)
+    parts = segments(archive)
+    damaged = bytearray(parts[7])
+    damaged[0] ^= 0x01
+    parts[7] = bytes(damaged)
+    stream = io.BytesIO(rebuild(archive, parts))
+    out = io.BytesIO()
+    with pytest.raises(SegmentError, match="segment 7"):
+        decrypt_to(stream, read_header(stream), KEY, out)
+    assert out.getvalue() == payload[: 7 * SEGMENT]
+
+
+def test_a_failed_segment_is_reported_before_a_later_truncation() -> None:
+    # Segment 3 is damaged and the archive is also cut inside a later segment: a reader
+    # going one segment at a time meets segment 3 first, and so must the threaded one.
+    archive = seal(os.urandom(6 * SEGMENT + 9))
+    parts = segments(archive)
+    damaged = bytearray(parts[3])
+    damaged[-1] ^= 0x01
+    parts[3] = bytes(damaged)
+    parts[5] = parts[5][:5]
+    with pytest.raises(SegmentError, match="segment 3"):
+        open_archive(rebuild(archive, parts[:6]))
+
+
+@pytest.mark.parametrize("where", [1, 10, 40])
+def test_every_tampered_segment_gives_the_sequential_readers_error(where: int) -> None:
+    archive = seal(os.urandom(45 * SEGMENT))
+    parts = segments(archive)
+    tampered = rebuild(archive, [*parts[:where], parts[where + 1], *parts[where + 1 :]])
+    stream = io.BytesIO(tampered)
+    with pytest.raises(ArchiveError) as sequential:
+        for _ in iter_plaintext(stream, read_header(stream), KEY):
+            pass
+    with pytest.raises(type(sequential.value)) as threaded:
+        open_archive(tampered)
+    assert str(threaded.value) == str(sequential.value)
+
+
+class BrokenOutput(io.RawIOBase):
+    def __init__(self, fail_after: int) -> None:
+        self.writes = 0
+        self._fail_after = fail_after
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: object) -> int:
+        self.writes += 1
+        if self.writes > self._fail_after:
+            raise OSError(28, "No space left on device")
+        return len(data)  # type: ignore[arg-type]
+
+
+def test_an_output_error_while_sealing_propagates() -> None:
+    out = BrokenOutput(fail_after=5)  # the header takes two writes
+    with pytest.raises(OSError, match="No space"), ArchiveWriter(out, make_header(), KEY) as w:
+        w.write(os.urandom(30 * SEGMENT))
+    assert out.writes == 6
+
+
+def test_an_output_error_while_opening_propagates() -> None:
+    archive = seal(os.urandom(30 * SEGMENT))
+    stream = io.BytesIO(archive)
+    with pytest.raises(OSError, match="No space"):
+        decrypt_to(stream, read_header(stream), KEY, BrokenOutput(fail_after=3))
