@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-seconds", type=int, default=15, help="py-spy duration (default 15)"
     )
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["archives", "scale"],
-        help="leave a part out (repeatable)",
+        "--skip", action="append", default=[], choices=["archives", "rpcs", "scale"],
+        help="leave a part out (repeatable); --skip rpcs --skip scale measures only raw "
+        "AES-GCM, fsync and the archive programs",
     )  # fmt: skip
     return parser
 
@@ -136,27 +137,19 @@ def main(argv: list[str] | None = None) -> int:
     bench.step("fsync of 4 KiB in the work directory")
     results["fsync"] = fsync_latency(work, sizes.fsyncs)
 
-    bench.step("echo baseline")
-    with echo_server(work) as echo:
-        channel = grpc.insecure_channel(echo.address)
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
-        payload = os.urandom(40)
-        metadata = (("authorization", "Bearer " + "x" * 43),)  # the size of a dev token
-
-        def echo_call(_: int) -> grpc.Future[Any]:
-            return call.future(payload, metadata=metadata, timeout=30)
-
-        results["echo"] = bench.load_pair("echo", echo_call, echo.pid)
-        channel.close()
+    if "rpcs" not in args.skip:
+        bench.step("echo baseline")
+        results["echo"] = echo_baseline(bench, work)
 
     with database(args.database_url) as url:
         bench.step(f"kms-server on an empty {backend} database")
         with kms_server(work / "kms-empty", url) as kms:
             client = Client(kms)
             client.setup_bench_keys()
-            results["kms_empty"] = bench.rpc_figures("empty", client, [BENCH_KEY], None)
-            bench.step(f"RotateActive x{sizes.rotations}")
-            results["rotate_active"] = client.rotations(sizes.rotations)
+            if "rpcs" not in args.skip:
+                results["kms_empty"] = bench.rpc_figures("empty", client, [BENCH_KEY], None)
+                bench.step(f"RotateActive x{sizes.rotations}")
+                results["rotate_active"] = client.rotations(sizes.rotations)
             if "archives" not in args.skip:
                 size_mib = sizes.archive_bytes >> 20
                 bench.step(f"kms-backup and kms-restore of {size_mib} MiB in {args.shm_dir}")
@@ -184,6 +177,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrote {args.json}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def echo_baseline(bench: Bench, work: Path) -> dict[str, Any]:
+    """The bare grpcio echo server at 1 and at CONCURRENT calls in flight."""
+    with echo_server(work) as echo:
+        channel = grpc.insecure_channel(echo.address)
+        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+        payload = os.urandom(40)
+        metadata = (("authorization", "Bearer " + "x" * 43),)  # the size of a dev token
+
+        def echo_call(_: int) -> grpc.Future[Any]:
+            return call.future(payload, metadata=metadata, timeout=30)
+
+        figures = bench.load_pair("echo", echo_call, echo.pid)
+        channel.close()
+    return figures
 
 
 class database:
@@ -548,6 +557,15 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
             _get(results, "archives", "restore", "mb_per_s_excluding_startup"),
             _get(results, "aesgcm", "decrypt_mb_per_s"),
         ),
+        # Against the same-process read, AES-GCM, write loop over the same files (one thread).
+        "archive_encrypt_vs_io_loop": _ratio(
+            _get(results, "archives", "backup", "mb_per_s"),
+            _get(results, "archives", "io_loop", "encrypt_mb_per_s"),
+        ),
+        "archive_decrypt_vs_io_loop": _ratio(
+            _get(results, "archives", "restore", "mb_per_s"),
+            _get(results, "archives", "io_loop", "decrypt_mb_per_s"),
+        ),
     }
     rss = [_get(results, "archives", p, "peak_rss_mib") for p in ("backup", "restore")]
     known = [r for r in rss if r is not None]
@@ -629,6 +647,11 @@ def render_table(results: dict[str, Any]) -> str:
         lines.append(
             f"archive of {a['input']['bytes'] >> 20} MiB "
             f"(program start {a['input']['startup_s']} s):"
+        )
+        loop = a.get("io_loop", {})
+        lines.append(
+            f"  read+AES-GCM+write loop, one thread, no start-up: encrypt "
+            f"{loop.get('encrypt_mb_per_s')} MB/s, decrypt {loop.get('decrypt_mb_per_s')} MB/s"
         )
         for name in ("backup", "restore"):
             f = a[name]
