@@ -260,7 +260,9 @@ class _Pipeline:
         if not slots:
             affordable = _PIPELINE_BUFFER_BUDGET // (input_size + output_size)
             slots = max(2, min(self._workers + 2, affordable))
-        self._free = [_Slot(input_size, output_size) for _ in range(slots)]
+        self._sizes = (input_size, output_size)
+        self._slots = slots  # allocated on demand: a small archive needs one or two
+        self._free: list[_Slot] = []
         self._pending: collections.deque[tuple[Future[None], _Slot]] = collections.deque()
         self._executor: ThreadPoolExecutor | None = None
         self._turn = threading.Condition()
@@ -271,6 +273,9 @@ class _Pipeline:
 
     def acquire(self) -> _Slot:
         if not self._free:
+            if self._slots:
+                self._slots -= 1
+                return _Slot(*self._sizes)
             self._collect_oldest()
         return self._free.pop()
 
