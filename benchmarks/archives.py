@@ -51,7 +51,8 @@ def io_loop_throughput(source: Path, scratch: Path) -> dict[str, float]:
     Read `source` in 1 MiB segments, seal each with AES-GCM (into a reused buffer when
     cryptography has `encrypt_into`), write it to a new file beside; then the reverse into
     another new file. The same files, memory and page-cache costs as the programs, without
-    their start-up, key RPC, header or threads: what "I/O plus AES-GCM" costs here.
+    their start-up, key RPC, header or threads: what "I/O plus AES-GCM" costs here. The
+    better of two rounds (a single round on this shared machine varies by up to 2x).
     """
     aead = AESGCM(AESGCM.generate_key(bit_length=256))
     aad = os.urandom(41)
@@ -60,7 +61,7 @@ def io_loop_throughput(source: Path, scratch: Path) -> dict[str, float]:
     into = hasattr(aead, "encrypt_into")
     figures: dict[str, float] = {}
     try:
-        for name, src, dest, chunk in (
+        for name, src, dest, chunk in 2 * (
             ("encrypt", source, sealed, DEFAULT_SEGMENT_SIZE),
             ("decrypt", sealed, opened, DEFAULT_SEGMENT_SIZE + 16),
         ):
@@ -87,7 +88,8 @@ def io_loop_throughput(source: Path, scratch: Path) -> dict[str, float]:
                 writer.flush()
                 os.fsync(writer.fileno())
             elapsed = time.perf_counter() - started
-            figures[f"{name}_mb_per_s"] = round(size / elapsed / MB, 1)
+            best = max(figures.get(f"{name}_mb_per_s", 0.0), round(size / elapsed / MB, 1))
+            figures[f"{name}_mb_per_s"] = best
     finally:
         sealed.unlink(missing_ok=True)
         opened.unlink(missing_ok=True)
