@@ -563,16 +563,21 @@ class KeyManagementService:
         self, repo: Repository, requests: Sequence[_DataKeyRequest]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Sets each request's outcome; returns the new binding rows and the audit events."""
-        found = repo.bindings_by_backup_id({r.backup_id for r in requests})
-        bindings = {
-            backup_id: _Binding(row.key_name, row.version, row.wrapped_data_key)
-            for backup_id, row in found.items()
-        }
+        versions: dict[tuple[str, int], _VersionLike] = {}
+        bindings: dict[str, _Binding] = {}
+        for row in repo.bindings_by_backup_id({r.backup_id for r in requests}):
+            bindings[row.backup_id] = _Binding(row.key_name, row.version, row.wrapped_data_key)
+            versions[(row.key_name, row.version)] = _Version(
+                row.key_name, row.version, row.state, row.wrapped_material
+            )
         issuing = {r.key_name for r in requests if r.action is Action.ISSUE_DATA_KEY}
-        actives = repo.active_versions(issuing) if issuing else {}
-        pairs = {(b.key_name, b.version) for b in bindings.values()}
-        pairs |= {(name, active) for name, active in actives.items() if active is not None}
-        versions = repo.versions_by_pair(pairs)
+        actives: dict[str, int | None] = {}
+        for active in repo.active_versions(issuing) if issuing else ():
+            actives[active.name] = active.active_version
+            if active.active_version is not None and active.state is not None:
+                versions[(active.name, active.active_version)] = _Version(
+                    active.name, active.active_version, active.state, active.wrapped_material
+                )
 
         new_bindings: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -581,29 +586,30 @@ class KeyManagementService:
             audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
             try:
                 if request.action is Action.ISSUE_DATA_KEY:
-                    request.outcome = self._issue(request, bindings, actives, versions, audit)
-                    if request.backup_id not in found and request.outcome is not None:
-                        new_bindings.append(_binding_row(request.outcome, now))
+                    creates_binding = request.backup_id not in bindings
+                    issued = self._issue(request, bindings, actives, versions, audit)
+                    if creates_binding:
+                        new_bindings.append(_binding_row(issued, now))
+                    request.outcome = issued
                 else:
                     request.outcome = self._resolve(request, bindings, versions, audit)
-                outcome, status, detail = Outcome.ALLOWED, "OK", audit.detail
+                fields = vars(audit).copy()  # checked input: stored as it is
+                outcome, status = Outcome.ALLOWED, "OK"
             except _NeedsRecovery as needs:
                 request.outcome = needs  # audited by the recovery transaction instead
                 continue
             except KmsError as error:
                 request.outcome = error
-                outcome, status, detail = Outcome.DENIED, error.status_name, error.message
-            fields = _storable({**asdict(audit), "detail": detail})
-            events.append(
-                {
-                    **fields,
-                    "time_us": now,
-                    "actor": request.actor,
-                    "action": request.action,
-                    "outcome": outcome,
-                    "status_code": status,
-                }
+                fields = _storable({**vars(audit), "detail": error.message})
+                outcome, status = Outcome.DENIED, error.status_name
+            fields.update(
+                time_us=now,
+                actor=request.actor,
+                action=request.action,
+                outcome=outcome,
+                status_code=status,
             )
+            events.append(fields)
         return new_bindings, events
 
     def _issue(
@@ -767,6 +773,20 @@ MATERIAL_CACHE_SIZE = 4096  # unwrapped version materials kept in memory (32 byt
 
 
 class _VersionLike(Protocol):
+    """A key version's row or the facts read about it (read-only)."""
+
+    @property
+    def key_name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def wrapped_material(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class _Version:
     key_name: str
     version: int
     state: str

@@ -8,9 +8,9 @@ which holds the database's single write lock for the whole transaction.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Row, func, insert, select, tuple_, update
+from sqlalchemy import Row, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from server.db.models import (
@@ -107,12 +107,8 @@ class Repository:
         """
         if not events:
             return []  # an INSERT with no rows would insert one row of defaults
-        head = self._session.execute(
-            select(AuditHeadRow.sequence, AuditHeadRow.event_hash)
-            .where(AuditHeadRow.id == 1)
-            .with_for_update()
-        ).one()
-        sequence, previous = head.sequence, head.event_hash
+        connection = self._session.connection()
+        sequence, previous = connection.execute(_LOCK_AUDIT_HEAD).one()
         rows = []
         for event in events:
             sequence += 1
@@ -121,51 +117,27 @@ class Repository:
             digest = event_hash(previous, fields)
             rows.append({**fields, "previous_hash": previous, "event_hash": digest})
             previous = digest
-        self._session.execute(insert(AuditEventRow), rows)
-        self._session.execute(
-            update(AuditHeadRow)
-            .where(AuditHeadRow.id == 1)
-            .values(sequence=sequence, event_hash=previous)
-        )
+        connection.execute(_INSERT_AUDIT_EVENT, rows)
+        connection.execute(_MOVE_AUDIT_HEAD, {"head_sequence": sequence, "head_hash": previous})
         return [row["sequence"] for row in rows]
 
-    # Batched look-ups for the data-key hot path: one query per table for a whole batch.
+    # Batched look-ups for the data-key hot path: one query per table for a whole batch,
+    # on prebuilt Core statements (the ORM costs more than the database here).
 
-    def bindings_by_backup_id(self, backup_ids: Collection[str]) -> dict[str, BindingFacts]:
-        rows = self._session.execute(
-            select(
-                BackupBindingRow.backup_id,
-                BackupBindingRow.key_name,
-                BackupBindingRow.version,
-                BackupBindingRow.wrapped_data_key,
-            ).where(BackupBindingRow.backup_id.in_(backup_ids))
-        )
-        return {row.backup_id: row for row in rows}
+    def bindings_by_backup_id(self, backup_ids: Collection[str]) -> list[BoundVersionFacts]:
+        """The bindings among these backup ids, each with its version's state and material."""
+        ids = {"ids": list(backup_ids)}
+        return list(self._session.connection().execute(_BINDINGS_BY_ID, ids))
 
-    def active_versions(self, key_names: Collection[str]) -> dict[str, int | None]:
-        rows = self._session.execute(
-            select(KeyRow.name, KeyRow.active_version).where(KeyRow.name.in_(key_names))
+    def active_versions(self, key_names: Collection[str]) -> list[ActiveVersionFacts]:
+        """The keys among these names, each with its active version's state and material."""
+        return list(
+            self._session.connection().execute(_ACTIVE_VERSIONS, {"names": list(key_names)})
         )
-        return {row.name: row.active_version for row in rows}
-
-    def versions_by_pair(
-        self, pairs: Collection[tuple[str, int]]
-    ) -> dict[tuple[str, int], VersionFacts]:
-        if not pairs:
-            return {}
-        rows = self._session.execute(
-            select(
-                KeyVersionRow.key_name,
-                KeyVersionRow.version,
-                KeyVersionRow.state,
-                KeyVersionRow.wrapped_material,
-            ).where(tuple_(KeyVersionRow.key_name, KeyVersionRow.version).in_(list(pairs)))
-        )
-        return {(row.key_name, row.version): row for row in rows}
 
     def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
         if bindings:
-            self._session.execute(insert(BackupBindingRow), list(bindings))
+            self._session.connection().execute(_INSERT_BINDING, list(bindings))
 
     def list_audit(self, after_sequence: int, limit: int, key_name: str) -> list[AuditEventRow]:
         query = select(AuditEventRow).where(AuditEventRow.sequence > after_sequence)
@@ -196,9 +168,57 @@ class Repository:
         self._session.merge(ServerMetaRow(name=name, value=value))
 
 
-# Result rows of the batched look-ups, read by attribute (row.version, row.state...).
-BindingFacts = Row[str, str, int, bytes]  # backup_id, key_name, version, wrapped_data_key
-VersionFacts = Row[str, int, str, bytes | None]  # key_name, version, state, wrapped_material
+_bindings = cast(Table, BackupBindingRow.__table__)
+_versions = cast(Table, KeyVersionRow.__table__)
+_keys = cast(Table, KeyRow.__table__)
+_audit_head = cast(Table, AuditHeadRow.__table__)
+_BINDINGS_BY_ID = (
+    select(
+        _bindings.c.backup_id,
+        _bindings.c.key_name,
+        _bindings.c.version,
+        _bindings.c.wrapped_data_key,
+        _versions.c.state,
+        _versions.c.wrapped_material,
+    )
+    .join(
+        _versions,
+        (_versions.c.key_name == _bindings.c.key_name)
+        & (_versions.c.version == _bindings.c.version),
+    )
+    .where(_bindings.c.backup_id.in_(bindparam("ids", expanding=True)))
+)
+_ACTIVE_VERSIONS = (
+    select(
+        _keys.c.name,
+        _keys.c.active_version,
+        _versions.c.state,
+        _versions.c.wrapped_material,
+    )
+    .outerjoin(
+        _versions,
+        (_versions.c.key_name == _keys.c.name) & (_versions.c.version == _keys.c.active_version),
+    )
+    .where(_keys.c.name.in_(bindparam("names", expanding=True)))
+)
+_INSERT_BINDING = insert(_bindings)
+_LOCK_AUDIT_HEAD = (
+    select(_audit_head.c.sequence, _audit_head.c.event_hash)
+    .where(_audit_head.c.id == 1)
+    .with_for_update()
+)
+_INSERT_AUDIT_EVENT = insert(cast(Table, AuditEventRow.__table__))
+_MOVE_AUDIT_HEAD = (
+    update(_audit_head)
+    .where(_audit_head.c.id == 1)
+    .values(sequence=bindparam("head_sequence"), event_hash=bindparam("head_hash"))
+)
+
+# Result rows of the batched look-ups, read by attribute (row.version, row.state...):
+# backup_id, key_name, version, wrapped_data_key, state, wrapped_material
+BoundVersionFacts = Row[str, str, int, bytes, str, bytes | None]
+# name, active_version, state, wrapped_material (the last two None without an active version)
+ActiveVersionFacts = Row[str, int | None, str | None, bytes | None]
 
 # What an audit event says when a field does not concern it.
 _AUDIT_DEFAULTS: dict[str, Any] = {
