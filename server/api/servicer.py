@@ -12,7 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kms.v1 import kms_pb2, kms_pb2_grpc
 from server.api.auth import CURRENT_PRINCIPAL
 from server.api.errors import abort
-from server.domain.errors import KmsError
+from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import (
     AuditEvent,
     KeyVersionInfo,
@@ -219,7 +219,12 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
 def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> T:
     """Runs a use case as the authenticated caller; domain errors end the call with their status."""
     try:
-        return use_case(CURRENT_PRINCIPAL.get())
+        caller = CURRENT_PRINCIPAL.get(None)
+        if caller is None:
+            # Mounted without the authentication interceptor: refuse, never run anonymously.
+            log.error("a call reached the servicer without an authenticated caller")
+            raise Unauthenticated("NO_AUTHENTICATED_CALLER", "this call is not authenticated")
+        return use_case(caller)
     except KmsError as error:
         if error.status_name == "DATA_LOSS":
             log.error("integrity failure: %s (%s)", error.message, error.reason)
