@@ -24,7 +24,16 @@ from server import config, devmode
 from server.app import KmsServer, create_server
 
 POSTGRES_URL_VARIABLE = "KMS_TEST_DATABASE_URL"
+REPO = Path(__file__).resolve().parents[1]
 ROLES = ("admin", "backup", "restore", "auditor")
+
+
+def child_environment() -> dict[str, str]:
+    """For server and client subprocesses: this environment minus KMS_* settings, with the
+    repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
 
 
 @dataclass

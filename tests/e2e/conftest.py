@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import REPO, child_environment
+
 STARTUP_TIMEOUT = 30.0
-
-
-def child_environment() -> dict[str, str]:
-    """The caller's environment minus KMS_* settings, with the repository importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
 
 
 @dataclass

@@ -8,7 +8,6 @@ replicas behind a load balancer are deployed.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import socket
 import subprocess
@@ -27,9 +26,8 @@ from grpc_status import rpc_status
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
 from server import config, devmode
-from tests.conftest import ROLES, KmsStub, fresh_postgres_database
+from tests.conftest import REPO, ROLES, KmsStub, child_environment, fresh_postgres_database
 
-REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 30.0
 KMS_SERVICE = "kms.v1.KeyManagementService"
 
@@ -55,12 +53,6 @@ def migrate(database_url: str) -> subprocess.CompletedProcess[str]:
     )
     assert done.returncode == 0, done.stderr
     return done
-
-
-def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
 
 
 @dataclass

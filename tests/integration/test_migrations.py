@@ -17,8 +17,8 @@ from server.app import StartupError, create_server
 from server.db import migrate
 from server.db.engine import make_engine, sqlite_url
 from server.db.models import Base
-from tests.conftest import fresh_postgres_database
-from tests.integration.cluster import REPO, Secrets, child_environment
+from tests.conftest import REPO, child_environment, fresh_postgres_database
+from tests.integration.cluster import Secrets
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
