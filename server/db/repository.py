@@ -8,9 +8,9 @@ which holds the database's single write lock for the whole transaction.
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple
 
-from sqlalchemy import Row, Table, bindparam, func, insert, select, update
+from sqlalchemy import Dialect, func, select
 from sqlalchemy.orm import Session
 
 from server.db.models import (
@@ -21,7 +21,7 @@ from server.db.models import (
     KeyVersionRow,
     ServerMetaRow,
 )
-from server.domain.audit_chain import GENESIS_HASH, event_hash
+from server.domain.audit_chain import GENESIS_HASH, HASHED_FIELDS, event_hash
 from server.domain.model import AuditEvent
 
 
@@ -106,38 +106,49 @@ class Repository:
         Returns the sequence numbers, in order.
         """
         if not events:
-            return []  # an INSERT with no rows would insert one row of defaults
+            return []
+        sql = self._sql()
         connection = self._session.connection()
-        sequence, previous = connection.execute(_LOCK_AUDIT_HEAD).one()
+        sequence, previous = connection.exec_driver_sql(sql.lock_audit_head).one()
         rows = []
         for event in events:
             sequence += 1
             fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
             fields["outcome"] = str(fields["outcome"])
             digest = event_hash(previous, fields)
-            rows.append({**fields, "previous_hash": previous, "event_hash": digest})
+            fields["previous_hash"], fields["event_hash"] = previous, digest
+            rows.append(tuple(fields[column] for column in _AUDIT_COLUMNS))
             previous = digest
-        connection.execute(_INSERT_AUDIT_EVENT, rows)
-        connection.execute(_MOVE_AUDIT_HEAD, {"head_sequence": sequence, "head_hash": previous})
-        return [row["sequence"] for row in rows]
+        connection.exec_driver_sql(sql.insert_audit_event, rows)
+        connection.exec_driver_sql(sql.move_audit_head, (sequence, previous))
+        return [row[0] for row in rows]
 
-    # Batched look-ups for the data-key hot path: one query per table for a whole batch,
-    # on prebuilt Core statements (the ORM costs more than the database here).
+    # The data-key hot path: one statement per table for a whole batch, as SQL text in the
+    # driver's parameter style (compiling SQLAlchemy statements costs more than the database).
 
     def bindings_by_backup_id(self, backup_ids: Collection[str]) -> list[BoundVersionFacts]:
         """The bindings among these backup ids, each with its version's state and material."""
-        ids = {"ids": list(backup_ids)}
-        return list(self._session.connection().execute(_BINDINGS_BY_ID, ids))
+        sql = self._sql().bindings_by_id(len(backup_ids))
+        rows = self._session.connection().exec_driver_sql(sql, tuple(backup_ids))
+        return [BoundVersionFacts(*row) for row in rows]
 
     def active_versions(self, key_names: Collection[str]) -> list[ActiveVersionFacts]:
         """The keys among these names, each with its active version's state and material."""
-        return list(
-            self._session.connection().execute(_ACTIVE_VERSIONS, {"names": list(key_names)})
-        )
+        sql = self._sql().active_versions(len(key_names))
+        rows = self._session.connection().exec_driver_sql(sql, tuple(key_names))
+        return [ActiveVersionFacts(*row) for row in rows]
 
     def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
         if bindings:
-            self._session.connection().execute(_INSERT_BINDING, list(bindings))
+            rows = [tuple(binding[column] for column in _BINDING_COLUMNS) for binding in bindings]
+            self._session.connection().exec_driver_sql(self._sql().insert_binding, rows)
+
+    def _sql(self) -> _DriverSql:
+        dialect = self._session.get_bind().dialect
+        sql = _DRIVER_SQL.get(dialect.name)
+        if sql is None:
+            sql = _DRIVER_SQL[dialect.name] = _DriverSql(dialect)
+        return sql
 
     def list_audit(self, after_sequence: int, limit: int, key_name: str) -> list[AuditEventRow]:
         query = select(AuditEventRow).where(AuditEventRow.sequence > after_sequence)
@@ -168,57 +179,78 @@ class Repository:
         self._session.merge(ServerMetaRow(name=name, value=value))
 
 
-_bindings = cast(Table, BackupBindingRow.__table__)
-_versions = cast(Table, KeyVersionRow.__table__)
-_keys = cast(Table, KeyRow.__table__)
-_audit_head = cast(Table, AuditHeadRow.__table__)
-_BINDINGS_BY_ID = (
-    select(
-        _bindings.c.backup_id,
-        _bindings.c.key_name,
-        _bindings.c.version,
-        _bindings.c.wrapped_data_key,
-        _versions.c.state,
-        _versions.c.wrapped_material,
-    )
-    .join(
-        _versions,
-        (_versions.c.key_name == _bindings.c.key_name)
-        & (_versions.c.version == _bindings.c.version),
-    )
-    .where(_bindings.c.backup_id.in_(bindparam("ids", expanding=True)))
-)
-_ACTIVE_VERSIONS = (
-    select(
-        _keys.c.name,
-        _keys.c.active_version,
-        _versions.c.state,
-        _versions.c.wrapped_material,
-    )
-    .outerjoin(
-        _versions,
-        (_versions.c.key_name == _keys.c.name) & (_versions.c.version == _keys.c.active_version),
-    )
-    .where(_keys.c.name.in_(bindparam("names", expanding=True)))
-)
-_INSERT_BINDING = insert(_bindings)
-_LOCK_AUDIT_HEAD = (
-    select(_audit_head.c.sequence, _audit_head.c.event_hash)
-    .where(_audit_head.c.id == 1)
-    .with_for_update()
-)
-_INSERT_AUDIT_EVENT = insert(cast(Table, AuditEventRow.__table__))
-_MOVE_AUDIT_HEAD = (
-    update(_audit_head)
-    .where(_audit_head.c.id == 1)
-    .values(sequence=bindparam("head_sequence"), event_hash=bindparam("head_hash"))
+_AUDIT_COLUMNS = (*HASHED_FIELDS, "previous_hash", "event_hash")
+_BINDING_COLUMNS = (
+    "backup_id",
+    "key_name",
+    "version",
+    "wrapped_data_key",
+    "created_us",
+    "recovered",
 )
 
-# Result rows of the batched look-ups, read by attribute (row.version, row.state...):
-# backup_id, key_name, version, wrapped_data_key, state, wrapped_material
-BoundVersionFacts = Row[str, str, int, bytes, str, bytes | None]
-# name, active_version, state, wrapped_material (the last two None without an active version)
-ActiveVersionFacts = Row[str, int | None, str | None, bytes | None]
+
+class _DriverSql:
+    """The hot path's statements in the driver's own parameter style (sqlite3 `?`, psycopg `%s`)."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
+        # SQLite has no row locks: its transaction already holds the database's write lock.
+        lock = " FOR UPDATE" if dialect.name == "postgresql" else ""
+        self.lock_audit_head = f"SELECT sequence, event_hash FROM audit_head WHERE id = 1{lock}"
+        self.insert_audit_event = self._insert("audit_events", _AUDIT_COLUMNS)
+        self.move_audit_head = (
+            f"UPDATE audit_head SET sequence = {self.mark}, event_hash = {self.mark} WHERE id = 1"
+        )
+        self.insert_binding = self._insert("backup_bindings", _BINDING_COLUMNS)
+
+    def _insert(self, table: str, columns: Sequence[str]) -> str:
+        marks = ", ".join([self.mark] * len(columns))
+        return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"
+
+    def _marks(self, count: int) -> str:
+        return ", ".join([self.mark] * count)
+
+    def bindings_by_id(self, count: int) -> str:
+        return (
+            "SELECT b.backup_id, b.key_name, b.version, b.wrapped_data_key,"
+            " v.state, v.wrapped_material"
+            " FROM backup_bindings b JOIN key_versions v"
+            " ON v.key_name = b.key_name AND v.version = b.version"
+            f" WHERE b.backup_id IN ({self._marks(count)})"
+        )
+
+    def active_versions(self, count: int) -> str:
+        return (
+            "SELECT k.name, k.active_version, v.state, v.wrapped_material"
+            " FROM keys k LEFT JOIN key_versions v"
+            " ON v.key_name = k.name AND v.version = k.active_version"
+            f" WHERE k.name IN ({self._marks(count)})"
+        )
+
+
+_DRIVER_SQL: dict[str, _DriverSql] = {}
+
+
+class BoundVersionFacts(NamedTuple):
+    """A backup's binding with its version's state and wrapped material."""
+
+    backup_id: str
+    key_name: str
+    version: int
+    wrapped_data_key: bytes
+    state: str
+    wrapped_material: bytes | None
+
+
+class ActiveVersionFacts(NamedTuple):
+    """A key with its active version (state and material None when it has none)."""
+
+    name: str
+    active_version: int | None
+    state: str | None
+    wrapped_material: bytes | None
+
 
 # What an audit event says when a field does not concern it.
 _AUDIT_DEFAULTS: dict[str, Any] = {
