@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import logging.handlers
 import re
 import threading
 import time
@@ -267,12 +268,33 @@ class JsonFormatter(logging.Formatter):
         if isinstance(call, dict):
             entry.update(call)
         else:
-            request_id = current_request_id()
+            # Set by CallQueueHandler on the calling thread; else this thread's call.
+            request_id = getattr(record, "request_id", None) or current_request_id()
             if request_id:
                 entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
         return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+class CallQueueHandler(logging.handlers.QueueHandler):
+    """Enqueues records for a QueueListener's thread to format and write.
+
+    What belongs to the calling thread is captured here: the message with its
+    arguments, the traceback as text, and the request id of the call in progress.
+    """
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.message = record.getMessage()
+        record.msg, record.args = record.message, None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if not hasattr(record, "request_id"):
+            record.request_id = current_request_id()
+        return record
 
 
 JsonFormatter.converter = time.gmtime
