@@ -4,6 +4,11 @@ Every use case checks the caller's role first (permission before existence),
 then does its work and appends its audit event in the same transaction, so a
 state change and its audit record commit together or not at all. A refused
 call is rolled back and then audited as denied in a transaction of its own.
+
+GetActiveKey and ResolveKeyForBackup, the calls backups make all day, go
+through group commit instead: concurrent calls share one transaction (each
+call's binding and audit event, allowed or denied, in it) and are answered
+once it has committed.
 """
 
 from __future__ import annotations
