@@ -78,7 +78,11 @@ class KmsServer:
 
 
 def open_database(settings: ServerSettings, *, upgrade: bool) -> Engine:
-    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        statement_timeout_ms=settings.db_statement_timeout_ms,
+    )
     current, head = migrate.pending(engine)
     if current != head:
         if not upgrade:

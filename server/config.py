@@ -40,6 +40,8 @@ class ServerSettings:
     max_concurrent_rpcs: int = 256
     metrics_listen: str | None = None
     log_format: str = "json"
+    db_statement_timeout_ms: int = 5000
+    shutdown_grace_seconds: int = 10
 
     @property
     def uses_tls(self) -> bool:
@@ -62,6 +64,16 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--tls-client-ca", "KMS_TLS_CLIENT_CA", "CA bundle for client certificates (mutual TLS)"),
     ("--max-workers", "KMS_MAX_WORKERS", "threads serving calls (default 16)"),
     ("--db-pool-size", "KMS_DB_POOL_SIZE", "database connections per process (default 10)"),
+    (
+        "--db-statement-timeout-ms",
+        "KMS_DB_STATEMENT_TIMEOUT_MS",
+        "PostgreSQL statement timeout in milliseconds (default 5000)",
+    ),
+    (
+        "--shutdown-grace-seconds",
+        "KMS_SHUTDOWN_GRACE_SECONDS",
+        "how long calls in flight may take to finish at shutdown (default 10)",
+    ),
     ("--ready-file", "KMS_READY_FILE", "write the bound host:port here once serving"),
     ("--log-level", "KMS_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR (default INFO)"),
     ("--health-listen", "KMS_HEALTH_LISTEN", "loopback host:port serving only grpc.health.v1"),
@@ -144,6 +156,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         log_level=(value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper(),
         health_listen=value("--health-listen", "KMS_HEALTH_LISTEN"),
         max_concurrent_rpcs=number("--max-concurrent-rpcs", "KMS_MAX_CONCURRENT_RPCS", 256),
+        db_statement_timeout_ms=number(
+            "--db-statement-timeout-ms", "KMS_DB_STATEMENT_TIMEOUT_MS", 5000
+        ),
+        shutdown_grace_seconds=number("--shutdown-grace-seconds", "KMS_SHUTDOWN_GRACE_SECONDS", 10),
         metrics_listen=value("--metrics-listen", "KMS_METRICS_LISTEN"),
         log_format=(value("--log-format", "KMS_LOG_FORMAT") or "json").lower(),
     )

@@ -96,7 +96,7 @@ def _serve(settings: config.ServerSettings) -> int:
             reloading.clear()
             log.info("received SIGHUP, reloading the policy and certificates")
             running.reload()
-    running.stop()
+    running.stop(settings.shutdown_grace_seconds)
     log.info("stopped")
     return 0
 

@@ -202,3 +202,14 @@ def test_concurrent_first_registrations_of_one_key_number_its_versions(
     assert [info.version for info in listed] == list(range(1, threads * per_thread + 1))
     assert time.monotonic() - start < 60
     assert backend.service.verify_audit_log(ADMIN).intact
+
+
+@pytest.mark.postgres
+def test_the_statement_timeout_setting_reaches_postgresql() -> None:
+    for url in fresh_postgres_database():
+        engine = make_engine(url, statement_timeout_ms=1234)
+        try:
+            with engine.connect() as connection:
+                assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "1234ms"
+        finally:
+            engine.dispose()

@@ -40,6 +40,20 @@ def test_flags_win_over_the_environment(tmp_path: Path) -> None:
     assert settings.log_level == "DEBUG"
 
 
+def test_statement_timeout_and_shutdown_grace_have_defaults_and_settings(tmp_path: Path) -> None:
+    defaults = parse("--dev", "--data-dir", str(tmp_path))
+    assert (defaults.db_statement_timeout_ms, defaults.shutdown_grace_seconds) == (5000, 10)
+    settings = parse(
+        "--dev",
+        "--data-dir",
+        str(tmp_path),
+        "--db-statement-timeout-ms",
+        "250",
+        KMS_SHUTDOWN_GRACE_SECONDS="30",
+    )
+    assert (settings.db_statement_timeout_ms, settings.shutdown_grace_seconds) == (250, 30)
+
+
 def test_the_environment_alone_configures_the_server(tmp_path: Path) -> None:
     settings = parse(KMS_DATA_DIR=str(tmp_path), KMS_INSECURE="true", KMS_LISTEN="[::1]:9000")
     assert settings.insecure and settings.listen == "[::1]:9000"
@@ -91,6 +105,8 @@ D = "--data-dir=DATA"  # replaced by the test's temporary directory
         ([D, "--insecure", "--max-workers", "-3"], {}, "--max-workers"),
         ([D, "--insecure", "--db-pool-size", "many"], {}, "--db-pool-size"),
         ([D, "--insecure"], {"KMS_MAX_WORKERS": "1.5"}, "KMS_MAX_WORKERS"),
+        ([D, "--insecure", "--db-statement-timeout-ms", "0"], {}, "--db-statement-timeout-ms"),
+        ([D, "--insecure"], {"KMS_SHUTDOWN_GRACE_SECONDS": "soon"}, "KMS_SHUTDOWN_GRACE"),
         ([D, "--insecure", "--log-level", "verbose"], {}, "--log-level"),
         ([D, "--insecure", "--listen", "127.0.0.1"], {}, "host:port"),
         ([D, "--insecure", "--listen", "127.0.0.1:http"], {}, "host:port"),
