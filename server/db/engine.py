@@ -9,6 +9,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+# Execution option for a read-only transaction that must see one consistent snapshot.
+READ_SNAPSHOT_OPTION = "kms_read_snapshot"
+
+
+def read_snapshot_options(dialect_name: str) -> dict[str, Any]:
+    """`Session.connection(execution_options=...)` for a consistent read-only snapshot:
+    REPEATABLE READ on PostgreSQL; on SQLite (WAL) a deferred transaction, which reads one
+    snapshot without holding the write lock."""
+    if dialect_name == "postgresql":
+        return {"isolation_level": "REPEATABLE READ"}
+    return {READ_SNAPSHOT_OPTION: True}
 
 
 def sqlite_url(path: str) -> str:
@@ -63,7 +74,9 @@ def _sqlite_engine(url: str) -> Engine:
     def _on_begin(connection: Any) -> None:
         # SQLite has no row locks: every transaction takes the write lock up
         # front, which serializes writers and avoids lock-upgrade deadlocks.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only snapshot (READ_SNAPSHOT) begins DEFERRED and takes no lock.
+        read_only = connection.get_execution_options().get(READ_SNAPSHOT_OPTION, False)
+        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
