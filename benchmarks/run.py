@@ -398,7 +398,8 @@ class Bench:
             client.setup_bench_keys()
             command = [
                 py_spy, "record", "--pid", str(kms.pid), "--duration", str(args.profile_seconds),
-                "--rate", "200", "--nonblocking", "--format", "flamegraph" if flame else "raw",
+                "--rate", "200", "--nonblocking", "--gil",
+                "--format", "flamegraph" if flame else "raw",
                 "-o", str(output),
             ]  # fmt: skip
             recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

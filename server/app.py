@@ -19,7 +19,7 @@ from server.api.servicer import KeyManagementServicer
 from server.config import ServerSettings
 from server.crypto import RootKey
 from server.db import migrate
-from server.db.engine import make_engine, make_sessionmaker
+from server.db.engine import make_engine
 from server.db.health import DatabaseProbe
 from server.db.models import KeyRow
 from server.policy import Policy
@@ -106,7 +106,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     service: KeyManagementService | None = None
     try:
         service = KeyManagementService(
-            make_sessionmaker(engine),
+            engine,
             root_key,
             on_unavailable=probe.check_now if probe is not None else None,
         )

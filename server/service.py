@@ -20,13 +20,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, TypeVar
 
+from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, sessionmaker
 
 from server import crypto
-from server.db.engine import read_snapshot_options
+from server.db.driver import driver_transaction
+from server.db.engine import make_sessionmaker, read_snapshot_options
 from server.db.models import BackupBindingRow, KeyRow, KeyVersionRow
-from server.db.repository import Repository, audit_event_from_row
+from server.db.repository import DataKeyStore, Repository, audit_event_from_row
 from server.domain import model
 from server.domain.audit_chain import verify_chain
 from server.domain.errors import (
@@ -99,12 +100,13 @@ class BackupKeyReference:
 class KeyManagementService:
     def __init__(
         self,
-        sessions: sessionmaker[Session],
+        engine: Engine,
         root_key: crypto.RootKey,
         *,
         on_unavailable: Callable[[], None] | None = None,
     ) -> None:
-        self._sessions = sessions
+        self._engine = engine
+        self._sessions = make_sessionmaker(engine)
         self._root_key = root_key
         # Told when a call fails because the database is unreachable (the health probe).
         self._on_unavailable = on_unavailable
@@ -550,12 +552,12 @@ class KeyManagementService:
         """
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                with self._sessions.begin() as session:
-                    repo = Repository(session)
-                    bindings, events = self._decide_data_keys(repo, requests)
-                    repo.add_bindings(bindings)
+                with driver_transaction(self._engine) as statements:
+                    store = DataKeyStore(statements)
+                    bindings, events = self._decide_data_keys(store, requests)
+                    store.add_bindings(bindings)
                     try:
-                        repo.append_audit_events(events)
+                        store.append_audit_events(events)
                     except DATABASE_ERRORS as error:
                         raise _AuditWriteFailed(error) from None
                 return
@@ -578,19 +580,19 @@ class KeyManagementService:
             return
 
     def _decide_data_keys(
-        self, repo: Repository, requests: Sequence[_DataKeyRequest]
+        self, store: DataKeyStore, requests: Sequence[_DataKeyRequest]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Sets each request's outcome; returns the new binding rows and the audit events."""
         versions: dict[tuple[str, int], _VersionLike] = {}
         bindings: dict[str, _Binding] = {}
-        for row in repo.bindings_by_backup_id({r.backup_id for r in requests}):
+        for row in store.bindings_by_backup_id({r.backup_id for r in requests}):
             bindings[row.backup_id] = _Binding(row.key_name, row.version, row.wrapped_data_key)
             versions[(row.key_name, row.version)] = _Version(
                 row.key_name, row.version, row.state, row.wrapped_material
             )
         issuing = {r.key_name for r in requests if r.action is Action.ISSUE_DATA_KEY}
         actives: dict[str, int | None] = {}
-        for active in repo.active_versions(issuing) if issuing else ():
+        for active in store.active_versions(issuing) if issuing else ():
             actives[active.name] = active.active_version
             if active.active_version is not None and active.state is not None:
                 versions[(active.name, active.active_version)] = _Version(

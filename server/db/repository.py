@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import Dialect, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from server.db.driver import SessionStatements, StatementRunner
 from server.db.models import (
     AuditEventRow,
     AuditHeadRow,
@@ -100,55 +101,8 @@ class Repository:
         return self.append_audit_events([fields])[0]
 
     def append_audit_events(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
-        """Appends events after the current head, holding the head's row lock until commit.
-
-        Each mapping has the hashed fields but `sequence`, which the head assigns.
-        Returns the sequence numbers, in order.
-        """
-        if not events:
-            return []
-        sql = self._sql()
-        connection = self._session.connection()
-        sequence, previous = connection.exec_driver_sql(sql.lock_audit_head).one()
-        rows = []
-        for event in events:
-            sequence += 1
-            fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
-            fields["outcome"] = str(fields["outcome"])
-            digest = event_hash(previous, fields)
-            fields["previous_hash"], fields["event_hash"] = previous, digest
-            rows.append(tuple(fields[column] for column in _AUDIT_COLUMNS))
-            previous = digest
-        connection.exec_driver_sql(sql.insert_audit_event, rows)
-        connection.exec_driver_sql(sql.move_audit_head, (sequence, previous))
-        return [row[0] for row in rows]
-
-    # The data-key hot path: one statement per table for a whole batch, as SQL text in the
-    # driver's parameter style (compiling SQLAlchemy statements costs more than the database).
-
-    def bindings_by_backup_id(self, backup_ids: Collection[str]) -> list[BoundVersionFacts]:
-        """The bindings among these backup ids, each with its version's state and material."""
-        sql = self._sql().bindings_by_id(len(backup_ids))
-        rows = self._session.connection().exec_driver_sql(sql, tuple(backup_ids))
-        return [BoundVersionFacts(*row) for row in rows]
-
-    def active_versions(self, key_names: Collection[str]) -> list[ActiveVersionFacts]:
-        """The keys among these names, each with its active version's state and material."""
-        sql = self._sql().active_versions(len(key_names))
-        rows = self._session.connection().exec_driver_sql(sql, tuple(key_names))
-        return [ActiveVersionFacts(*row) for row in rows]
-
-    def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
-        if bindings:
-            rows = [tuple(binding[column] for column in _BINDING_COLUMNS) for binding in bindings]
-            self._session.connection().exec_driver_sql(self._sql().insert_binding, rows)
-
-    def _sql(self) -> _DriverSql:
-        dialect = self._session.get_bind().dialect
-        sql = _DRIVER_SQL.get(dialect.name)
-        if sql is None:
-            sql = _DRIVER_SQL[dialect.name] = _DriverSql(dialect)
-        return sql
+        """Appends events after the current head (see `DataKeyStore.append_audit_events`)."""
+        return DataKeyStore(SessionStatements(self._session)).append_audit_events(events)
 
     def list_audit(self, after_sequence: int, limit: int, key_name: str) -> list[AuditEventRow]:
         query = select(AuditEventRow).where(AuditEventRow.sequence > after_sequence)
@@ -179,6 +133,59 @@ class Repository:
         self._session.merge(ServerMetaRow(name=name, value=value))
 
 
+class DataKeyStore:
+    """The data-key hot path: one statement per table for a whole batch of calls.
+
+    SQL text in the driver's parameter style, run through a `StatementRunner`
+    (compiling SQLAlchemy statements costs more than the database spends on them).
+    Runs inside the caller's transaction; never commits.
+    """
+
+    def __init__(self, statements: StatementRunner) -> None:
+        self._run = statements
+        sql = _DRIVER_SQL.get(statements.dialect_name)
+        if sql is None:
+            sql = _DRIVER_SQL[statements.dialect_name] = _DriverSql(statements.dialect_name)
+        self._sql = sql
+
+    def bindings_by_backup_id(self, backup_ids: Collection[str]) -> list[BoundVersionFacts]:
+        """The bindings among these backup ids, each with its version's state and material."""
+        rows = self._run.rows(self._sql.bindings_by_id(len(backup_ids)), tuple(backup_ids))
+        return [BoundVersionFacts(*row) for row in rows]
+
+    def active_versions(self, key_names: Collection[str]) -> list[ActiveVersionFacts]:
+        """The keys among these names, each with its active version's state and material."""
+        rows = self._run.rows(self._sql.active_versions(len(key_names)), tuple(key_names))
+        return [ActiveVersionFacts(*row) for row in rows]
+
+    def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
+        if bindings:
+            rows = [tuple(binding[column] for column in _BINDING_COLUMNS) for binding in bindings]
+            self._run.run_many(self._sql.insert_binding, rows)
+
+    def append_audit_events(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Appends events after the current head, holding the head's row lock until commit.
+
+        Each mapping has the hashed fields but `sequence`, which the head assigns.
+        Returns the sequence numbers, in order.
+        """
+        if not events:
+            return []
+        ((sequence, previous),) = self._run.rows(self._sql.lock_audit_head, ())
+        rows = []
+        for event in events:
+            sequence += 1
+            fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
+            fields["outcome"] = str(fields["outcome"])
+            digest = event_hash(previous, fields)
+            fields["previous_hash"], fields["event_hash"] = previous, digest
+            rows.append(tuple(fields[column] for column in _AUDIT_COLUMNS))
+            previous = digest
+        self._run.run_many(self._sql.insert_audit_event, rows)
+        self._run.run(self._sql.move_audit_head, (sequence, previous))
+        return [row[0] for row in rows]
+
+
 _AUDIT_COLUMNS = (*HASHED_FIELDS, "previous_hash", "event_hash")
 _BINDING_COLUMNS = (
     "backup_id",
@@ -193,10 +200,10 @@ _BINDING_COLUMNS = (
 class _DriverSql:
     """The hot path's statements in the driver's own parameter style (sqlite3 `?`, psycopg `%s`)."""
 
-    def __init__(self, dialect: Dialect) -> None:
-        self.mark = "?" if dialect.paramstyle == "qmark" else "%s"
+    def __init__(self, dialect_name: str) -> None:
+        self.mark = "?" if dialect_name == "sqlite" else "%s"
         # SQLite has no row locks: its transaction already holds the database's write lock.
-        lock = " FOR UPDATE" if dialect.name == "postgresql" else ""
+        lock = " FOR UPDATE" if dialect_name == "postgresql" else ""
         self.lock_audit_head = f"SELECT sequence, event_hash FROM audit_head WHERE id = 1{lock}"
         self.insert_audit_event = self._insert("audit_events", _AUDIT_COLUMNS)
         self.move_audit_head = (

@@ -28,12 +28,12 @@ HASHED_FIELDS = (
 )
 
 
+# One encoder for every event: json.dumps with options builds a new one per call.
+_CANONICAL_JSON = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
 def event_hash(previous_hash: str, fields: Mapping[str, object]) -> str:
-    canonical = json.dumps(
-        [previous_hash, *(fields[name] for name in HASHED_FIELDS)],
-        ensure_ascii=True,
-        separators=(",", ":"),
-    )
+    canonical = _CANONICAL_JSON.encode([previous_hash, *(fields[name] for name in HASHED_FIELDS)])
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 

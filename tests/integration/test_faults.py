@@ -13,12 +13,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy import create_engine, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from kms.v1 import kms_pb2
@@ -426,21 +425,24 @@ def test_backups_made_after_the_snapshot_restore_from_their_headers(
         server.close()
 
 
-def test_a_pool_timeout_is_an_outage_not_an_unknown_error() -> None:
+def test_a_pool_timeout_is_an_outage_not_an_unknown_error(tmp_path: Path) -> None:
     """sqlalchemy.exc.TimeoutError (no free connection) is not a DBAPIError; it is UNAVAILABLE."""
-
-    class ExhaustedPool:
-        def begin(self) -> None:
-            raise sa_exc.TimeoutError("QueuePool limit of size 10 overflow 0 reached")
-
+    # A real pool of one connection, held by someone else for the whole call.
+    engine = create_engine(
+        sqlite_url(str(tmp_path / "kms.sqlite3")), pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
     told: list[bool] = []
     service = KeyManagementService(
-        cast(Any, ExhaustedPool()),
-        RootKey(os.urandom(32)),
-        on_unavailable=lambda: told.append(True),
+        engine, RootKey(os.urandom(32)), on_unavailable=lambda: told.append(True)
     )
     caller = Principal("backup", frozenset(Role))
-    with pytest.raises(Unavailable) as raised:
-        service.get_active_key(caller, "tenant", "backup-1")
+    held = engine.connect()
+    try:
+        with pytest.raises(Unavailable) as raised:
+            service.get_active_key(caller, "tenant", "backup-1")
+    finally:
+        held.close()
+        service.close()
+        engine.dispose()
     assert raised.value.reason == "DATABASE_UNAVAILABLE"
     assert told == [True], "the health probe is told at once"

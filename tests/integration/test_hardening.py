@@ -232,11 +232,7 @@ def test_deadlines_are_honoured_and_the_server_keeps_serving(tmp_path: Path) -> 
         admin, backup = kms.stub("admin"), kms.stub("backup")
         register(admin, activate=True)
         expect_deadline = grpc.StatusCode.DEADLINE_EXCEEDED
-        with pytest.raises(grpc.RpcError) as caught:
-            backup.GetActiveKey(
-                kms_pb2.GetActiveKeyRequest(key_name=KEY, backup_id="b0"), timeout=0.000001
-            )
-        assert caught.value.code() == expect_deadline
+        # The call waits on a slow writer holding the database: its deadline ends it.
         holder = _hold_sqlite_write_lock(kms, 1.0)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:

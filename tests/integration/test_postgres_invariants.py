@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 
 from server.crypto import RootKey
 from server.db import migrate
-from server.db.engine import make_engine, make_sessionmaker, sqlite_url
+from server.db.engine import make_engine, sqlite_url
 from server.db.models import KeyRow
 from server.domain.errors import Aborted, FailedPrecondition
 from server.domain.model import Principal, Role
@@ -57,9 +57,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         try:
             migrate.upgrade(engine)
             RootKey.create(tmp_path / "root.key")
-            service = KeyManagementService(
-                make_sessionmaker(engine), RootKey.load(tmp_path / "root.key")
-            )
+            service = KeyManagementService(engine, RootKey.load(tmp_path / "root.key"))
             service.check_root_key()
             yield Backend(request.param, engine, service)
         finally:

@@ -113,3 +113,25 @@ def test_the_hash_depends_on_the_previous_hash() -> None:
     fields = vars(event)
     assert event_hash(GENESIS_HASH, fields) != event_hash("1" * 64, fields)
     assert len(event_hash(GENESIS_HASH, fields)) == 64
+
+
+def test_the_hash_format_is_stable() -> None:
+    """Stored chains must keep verifying: this digest was computed by the first release."""
+    fields = dict(
+        sequence=1,
+        time_us=1_700_000_000_000_000,
+        actor="admin",
+        action="key.rotate",
+        outcome="ALLOWED",
+        status_code="OK",
+        key_name="tenant",
+        version=0,
+        from_version=1,
+        to_version=2,
+        backup_id="",
+        reason="quarterly \u2013 \u00fc",
+        detail="",
+    )
+    assert event_hash(GENESIS_HASH, fields) == (
+        "26f6a55ce3b5a4fa1d42c449d7a2f0a7da185db3dbf60b085a19a3063e12bea0"
+    )

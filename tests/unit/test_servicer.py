@@ -17,7 +17,7 @@ from google.protobuf import message
 from kms.v1 import kms_pb2
 from server.api.servicer import KeyManagementServicer
 from server.crypto import RootKey, new_key_material
-from server.db.engine import make_engine, make_sessionmaker, sqlite_url
+from server.db.engine import make_engine, sqlite_url
 from server.db.migrate import upgrade
 from server.service import KeyManagementService
 
@@ -28,7 +28,7 @@ SERVICE = kms_pb2.DESCRIPTOR.services_by_name["KeyManagementService"]
 def servicer_server(tmp_path: Path) -> Iterator[grpc_testing.Server]:
     engine = make_engine(sqlite_url(str(tmp_path / "kms.sqlite3")))
     upgrade(engine)
-    service = KeyManagementService(make_sessionmaker(engine), RootKey(new_key_material()))
+    service = KeyManagementService(engine, RootKey(new_key_material()))
     try:
         yield grpc_testing.server_from_dictionary(
             {SERVICE: KeyManagementServicer(service)}, grpc_testing.strict_real_time()
