@@ -12,9 +12,10 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, select
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
-from server.api.auth import AuthInterceptor, PolicyHolder
+from server.api.auth import Authenticator, PolicyHolder
 from server.api.methods import SERVICE_NAME
-from server.api.observability import Metrics, ObservabilityInterceptor
+from server.api.observability import CallObserver, Metrics
+from server.api.pipeline import Pipeline, PipelineServer
 from server.api.servicer import KeyManagementServicer
 from server.config import ServerSettings
 from server.crypto import RootKey
@@ -113,16 +114,16 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         service.check_root_key()
         if settings.metrics_listen:
             metrics = Metrics(lambda: _active_versions(engine))
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=settings.max_workers),
-            # Outermost first: observability sees the final status of every call.
-            interceptors=[
-                ObservabilityInterceptor(metrics),
-                AuthInterceptor(policy, service.record_denial),
-            ],
-            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
-            # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
-            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # Every handler added to the server is wrapped once: observability (outermost: it sees
+        # the final status of every call), then authentication (server/api/pipeline.py).
+        server = PipelineServer(
+            grpc.server(
+                futures.ThreadPoolExecutor(max_workers=settings.max_workers),
+                options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+                # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
+                maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+            ),
+            Pipeline(CallObserver(metrics), Authenticator(policy, service.record_denial)),
         )
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
             KeyManagementServicer(service), server

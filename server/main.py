@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
-import logging.handlers
 import os
-import queue
 import signal
 import sys
 import threading
@@ -16,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from server import config, devmode
-from server.api.observability import CallQueueHandler, JsonFormatter
+from server.api.observability import CallQueueHandler, JsonFormatter, LogWriter
 from server.app import StartupError, create_server, open_database
 from server.crypto import RootKeyError
 from server.policy import PolicyError
@@ -109,11 +107,10 @@ def _configure_logging(settings: config.ServerSettings) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     # Request threads only enqueue records; one thread formats and writes them, so calls
     # never wait on the stream's lock or its write.
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, handler)
-    listener.start()
-    atexit.register(listener.stop)  # writes what is still queued before the process ends
-    logging.basicConfig(level=settings.log_level, handlers=[CallQueueHandler(records)])
+    writer = LogWriter(handler)
+    writer.start()
+    atexit.register(writer.stop)  # writes what is still queued before the process ends
+    logging.basicConfig(level=settings.log_level, handlers=[CallQueueHandler(writer.records)])
 
 
 def _write_atomically(path: Path, text: str) -> None:

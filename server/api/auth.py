@@ -1,7 +1,8 @@
-"""Authentication: a server interceptor that turns credentials into a Principal.
+"""Authentication: turns a call's credentials into a Principal, or refuses the call.
 
-Deny by default: a method that is neither one of ours nor public is refused.
-Roles are checked by the service layer, which audits every refusal.
+Roles are checked by the service layer, which audits every refusal; a call
+refused here for its credentials is audited through `record_denial`.
+`server.api.pipeline` puts this around every kms.v1 method.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from typing import Any
 import grpc
 
 from server.api.errors import abort
-from server.api.methods import ACTION_BY_METHOD, PUBLIC_SERVICES
-from server.api.observability import CURRENT_CALL
-from server.domain.errors import KmsError, PermissionDenied, Unauthenticated
+from server.api.observability import CURRENT_CALL, Behaviour
+from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import ANONYMOUS, Action, Principal
 from server.policy import Policy
 
@@ -33,7 +33,9 @@ class PolicyHolder:
         self.policy = policy
 
 
-class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
+class Authenticator:
+    """Bearer token (`authorization` metadata) or client certificate CN -> Principal."""
+
     def __init__(
         self,
         policy: PolicyHolder,
@@ -42,30 +44,20 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
         self._policy = policy
         self._record_denial = record_denial
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        method: str = handler_call_details.method
-        handler = continuation(handler_call_details)
-        if handler is None or method.startswith(PUBLIC_SERVICES):
-            return handler
-        action = ACTION_BY_METHOD.get(method)
-        if action is None or handler.unary_unary is None:
-            return _deny_all(handler)
-        metadata = handler_call_details.invocation_metadata or ()
-        behaviour = handler.unary_unary
+    def wrap(self, action: Action, behaviour: Behaviour) -> Behaviour:
+        """`behaviour` run as the authenticated caller (CURRENT_PRINCIPAL) or an audited refusal."""
+        authenticate, record_denial = self._authenticate, self._record_denial
 
         def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                principal = self._authenticate(metadata, context)
+                principal = authenticate(context)
             except KmsError as error:
                 try:
-                    self._record_denial(ANONYMOUS, action, error)
+                    record_denial(ANONYMOUS, action, error)
                 except KmsError as audit_error:
                     abort(context, audit_error)
                 abort(context, error)
+                raise AssertionError("abort returned") from None
             call = CURRENT_CALL.get(None)
             if call is not None:
                 call.actor = principal.name  # for the call's log line
@@ -75,14 +67,11 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             finally:
                 CURRENT_PRINCIPAL.reset(token)
 
-        return grpc.unary_unary_rpc_method_handler(
-            authenticated,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return authenticated
 
-    def _authenticate(self, metadata: Any, context: grpc.ServicerContext) -> Principal:
+    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
         policy = self._policy.policy
+        metadata = context.invocation_metadata() or ()
         tokens = [value for key, value in metadata if key == "authorization"]
         if len(tokens) > 1:
             raise Unauthenticated("CREDENTIALS_AMBIGUOUS", "send one authorization header")
@@ -110,18 +99,3 @@ class AuthInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
             "CREDENTIALS_MISSING",
             "this call needs credentials: a bearer token or a client certificate",
         )
-
-
-def _deny_all(handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
-    def deny(request: Any, context: grpc.ServicerContext) -> Any:
-        abort(context, PermissionDenied("METHOD_NOT_ALLOWED", "this method is not allowed"))
-
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            deny, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        lambda requests, context: deny(None, context),
-        handler.request_deserializer,
-        handler.response_serializer,
-    )

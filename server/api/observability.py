@@ -1,10 +1,10 @@
 """What operators see: Prometheus metrics, one JSON log line per call, request ids.
 
-`ObservabilityInterceptor` is the outermost server interceptor, so it sees
-every call's final status, including `UNAUTHENTICATED` from the auth
-interceptor. It never looks at requests or responses, only at the method,
-the status, the AIP-193 reason and who called: nothing it records can hold
-key material or credentials.
+`CallObserver` is the outermost layer of every unary method (see
+`server.api.pipeline`), so it sees every call's final status, including
+`UNAUTHENTICATED` from authentication. It never looks at requests or
+responses, only at the method, the status, the AIP-193 reason and who called:
+nothing it records can hold key material or credentials.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import contextvars
 import json
 import logging
 import logging.handlers
+import queue
 import re
+import select
 import threading
 import time
 import uuid
@@ -38,7 +40,7 @@ _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 @dataclass
 class CallInfo:
-    """What one call learns about itself as it goes; the auth interceptor fills in the actor."""
+    """What one call learns about itself as it goes; authentication fills in the actor."""
 
     method: str
     request_id: str
@@ -46,6 +48,9 @@ class CallInfo:
 
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("kms_call")
+
+# What a unary method handler runs: (request, context) -> response.
+Behaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 
 class Metrics:
@@ -88,7 +93,7 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        self.registry.register(_ActiveVersionCollector(active_versions))
+        self.registry.register(ActiveVersionCollector(active_versions))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -120,7 +125,7 @@ class Metrics:
             self._http = None
 
 
-class _ActiveVersionCollector(Collector):
+class ActiveVersionCollector(Collector):
     """Reads each key's active version from the database at scrape time (one small query).
 
     Always right, even with several replicas rotating: nothing is cached in the process.
@@ -144,26 +149,18 @@ class _ActiveVersionCollector(Collector):
         yield gauge
 
 
-class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]
-    """One log line and one metrics observation per call; the request id in trailing metadata."""
+class CallObserver:
+    """One metrics observation and one log line per call; the request id in trailing metadata."""
 
     def __init__(self, metrics: Metrics | None) -> None:
         self._metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming (reflection, health Watch) and unknown methods
-        method: str = handler_call_details.method
-        request_id = _request_id(handler_call_details.invocation_metadata or ())
-        behaviour = handler.unary_unary
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """`behaviour` observed: whatever it returns or raises, the call is counted and logged."""
+        finish = self._finish
 
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
-            call = CallInfo(method, request_id)
+            call = CallInfo(method, _request_id(context.invocation_metadata() or ()))
             token = CURRENT_CALL.set(call)
             started = time.perf_counter()
             failure: BaseException | None = None
@@ -174,13 +171,9 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg
                 raise
             finally:
                 CURRENT_CALL.reset(token)
-                self._finish(call, context, started, failure)
+                finish(call, context, started, failure)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
 
     def _finish(
         self,
@@ -203,12 +196,19 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg
             log.error(
                 "unexpected error in %s: %s", call.method, type(failure).__name__, exc_info=failure
             )
-        call_log.info(
+        if not call_log.isEnabledFor(logging.INFO):
+            return  # no record built for nothing
+        # What call_log.info(...) does, without looking up the caller's frame.
+        record = call_log.makeRecord(
+            call_log.name,
+            logging.INFO,
+            __file__,
+            0,
             "%s %s %s",
-            call.method,
-            code.name,
-            call.actor,
-            extra={
+            (call.method, code.name, call.actor),
+            None,
+            "_finish",
+            {
                 "call": {
                     "method": call.method,
                     "actor": call.actor,
@@ -220,6 +220,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg
                 }
             },
         )
+        call_log.handle(record)
 
 
 def _request_id(metadata: Iterable[tuple[str, Any]]) -> str:
@@ -257,9 +258,19 @@ def current_request_id() -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, the call's fields if any."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The last second formatted and its text: lines come many to a second.
+        self._second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
+        whole = int(record.created)
+        second = self._second
+        if second[0] != whole:
+            second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+            self._second = second
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "time": f"{second[1]}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -276,15 +287,28 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
-        return json.dumps(entry, ensure_ascii=True, default=str)
+        return _JSON.encode(entry)
+
+
+_JSON = json.JSONEncoder(ensure_ascii=True, default=str)
 
 
 class CallQueueHandler(logging.handlers.QueueHandler):
-    """Enqueues records for a QueueListener's thread to format and write.
+    """Enqueues records for a LogWriter's thread to format and write.
 
     What belongs to the calling thread is captured here: the message with its
     arguments, the traceback as text, and the request id of the call in progress.
     """
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """Handler.handle without the handler's lock: `prepare` only touches the record
+        and the queue is thread-safe, so request threads never wait on one another here."""
+        accepted = self.filter(record)
+        if isinstance(accepted, logging.LogRecord):  # Python 3.12+: a filter may replace it
+            record = accepted
+        if accepted:
+            self.emit(record)
+        return bool(accepted)
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         record.message = record.getMessage()
@@ -297,4 +321,82 @@ class CallQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
-JsonFormatter.converter = time.gmtime
+class LogWriter:
+    """The one thread that formats and writes what request threads queue (CallQueueHandler).
+
+    It takes everything queued at once (up to MAX_BATCH records), writes the lines in as
+    few writes as it can, each followed by a flush, then pauses for LINGER_SECONDS: under
+    load one wake-up and a few system calls serve dozens of lines instead of one each, and
+    a line waits at most about that long. `stop` writes what is still queued, then ends
+    the thread.
+    """
+
+    MAX_BATCH = 1000
+    LINGER_SECONDS = 0.01
+    # A write of at most PIPE_BUF bytes to a pipe is atomic: lines of several processes
+    # sharing one stderr pipe never interleave mid-line (a longer line goes on its own).
+    CHUNK_BYTES = select.PIPE_BUF
+
+    def __init__(self, handler: logging.StreamHandler[Any]) -> None:
+        self.records: queue.SimpleQueue[logging.LogRecord | None] = queue.SimpleQueue()
+        self._handler = handler
+        self._thread = threading.Thread(target=self._run, name="kms-log-writer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self.records.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            batch, stopping = self._drain()
+            if batch:
+                self._write(batch)
+            if stopping:
+                return
+            time.sleep(self.LINGER_SECONDS)
+
+    def _drain(self) -> tuple[list[logging.LogRecord], bool]:
+        """What is queued (waiting for a first record), and whether `stop` was called."""
+        batch: list[logging.LogRecord] = []
+        record = self.records.get()
+        while record is not None:
+            batch.append(record)
+            if len(batch) >= self.MAX_BATCH:
+                return batch, False
+            try:
+                record = self.records.get_nowait()
+            except queue.Empty:
+                return batch, False
+        return batch, True
+
+    def _write(self, batch: list[logging.LogRecord]) -> None:
+        handler = self._handler
+        chunk: list[str] = []
+        size = 0
+        for record in batch:
+            try:
+                if not handler.filter(record):
+                    continue
+                line = handler.format(record) + handler.terminator
+            except Exception:
+                handler.handleError(record)
+                continue
+            length = len(line) if line.isascii() else len(line.encode(errors="replace"))
+            if chunk and size + length > self.CHUNK_BYTES:
+                self._emit(chunk, record)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += length
+        if chunk:
+            self._emit(chunk, batch[-1])
+
+    def _emit(self, lines: list[str], record: logging.LogRecord) -> None:
+        try:
+            self._handler.stream.write("".join(lines))
+            self._handler.flush()
+        except Exception:
+            self._handler.handleError(record)

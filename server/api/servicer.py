@@ -221,7 +221,7 @@ def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> 
     try:
         caller = CURRENT_PRINCIPAL.get(None)
         if caller is None:
-            # Mounted without the authentication interceptor: refuse, never run anonymously.
+            # Mounted without authentication (server.api.pipeline): refuse, never run anonymously.
             log.error("a call reached the servicer without an authenticated caller")
             raise Unauthenticated("NO_AUTHENTICATED_CALLER", "this call is not authenticated")
         return use_case(caller)

@@ -22,7 +22,7 @@ from server.api.observability import JsonFormatter
 from server.policy import hash_token
 from tests.conftest import RunningKms, start_kms
 from tests.integration.hardening_support import metric, scrape
-from tests.integration.kms_helpers import KEY, issue, register, rotate
+from tests.integration.kms_helpers import KEY, issue, last_event, register, rotate
 
 CALL_FIELDS = {"method", "actor", "status", "reason", "duration_ms", "request_id", "peer"}
 
@@ -91,6 +91,43 @@ def test_each_call_logs_exactly_one_line_with_its_fields(
     assert "\n" not in formatted
     entry = json.loads(formatted)
     assert set(entry) >= CALL_FIELDS and entry["level"] == "INFO" and entry["logger"] == "kms.call"
+
+
+def test_an_unauthenticated_call_is_audited_logged_counted_and_keeps_its_request_id(
+    observed_kms: RunningKms, caplog: pytest.LogCaptureFixture
+) -> None:
+    kms = observed_kms
+    with grpc.insecure_channel(kms.address) as channel:
+        raw = kms_pb2_grpc.KeyManagementServiceStub(channel)
+        with caplog.at_level(logging.INFO, logger="kms.call"), pytest.raises(grpc.RpcError) as e:
+            raw.GetActiveKey(
+                kms_pb2.GetActiveKeyRequest(key_name=KEY, backup_id="b-unauthenticated"),
+                metadata=(("authorization", "Bearer not-a-token"), ("x-request-id", "req-anon-1")),
+                timeout=10,
+            )
+    refused = cast(grpc.Call, e.value)
+    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert ("x-request-id", "req-anon-1") in (refused.trailing_metadata() or ())
+    [line] = _call_lines(caplog)
+    assert (line["status"], line["reason"], line["actor"], line["request_id"]) == (
+        "UNAUTHENTICATED",
+        "CREDENTIALS_INVALID",
+        "anonymous",
+        "req-anon-1",
+    )
+    event = last_event(kms, "data_key.issue")
+    assert (event.actor, event.outcome, event.status_code) == (
+        "anonymous",
+        kms_pb2.AUDIT_OUTCOME_DENIED,
+        "UNAUTHENTICATED",
+    )
+    samples = scrape(kms)
+    assert metric(samples, "kms_calls_total", method="GetActiveKey", code="UNAUTHENTICATED") == 1
+    assert (
+        metric(samples, "kms_denials_total", code="UNAUTHENTICATED", reason="CREDENTIALS_INVALID")
+        == 1
+    )
+    assert "not-a-token" not in caplog.text
 
 
 def test_metrics_count_calls_latency_versions_rotations_and_denials(

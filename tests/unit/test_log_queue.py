@@ -5,22 +5,45 @@ from __future__ import annotations
 import io
 import json
 import logging
-import logging.handlers
-import queue
+import time
 
-from server.api.observability import CURRENT_CALL, CallInfo, CallQueueHandler, JsonFormatter
+from server.api.observability import (
+    CURRENT_CALL,
+    CallInfo,
+    CallQueueHandler,
+    JsonFormatter,
+    LogWriter,
+)
+
+
+class _RecordingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def _writer(output: io.StringIO) -> LogWriter:
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(JsonFormatter())
+    return LogWriter(handler)
 
 
 def _through_the_queue(emit: logging.Logger) -> list[dict[str, object]]:
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     output = io.StringIO()
-    writer = logging.StreamHandler(output)
-    writer.setFormatter(JsonFormatter())
-    listener = logging.handlers.QueueListener(records, writer)
-    emit.addHandler(CallQueueHandler(records))
+    writer = _writer(output)
+    emit.addHandler(CallQueueHandler(writer.records))
     emit.setLevel(logging.INFO)
     emit.propagate = False
-    listener.start()
+    writer.start()
     token = CURRENT_CALL.set(CallInfo("/kms.v1.KeyManagementService/ListKeys", "req-42"))
     try:
         emit.info("listing %d keys", 3)
@@ -31,7 +54,7 @@ def _through_the_queue(emit: logging.Logger) -> list[dict[str, object]]:
     finally:
         CURRENT_CALL.reset(token)
     emit.info("outside any call")
-    listener.stop()  # writes everything queued
+    writer.stop()  # writes everything queued
     return [json.loads(line) for line in output.getvalue().splitlines()]
 
 
@@ -42,3 +65,39 @@ def test_a_line_logged_during_a_call_carries_its_request_id_and_traceback() -> N
     assert lines[1]["request_id"] == "req-42"
     assert "ValueError: boom" in str(lines[1]["exception"])
     assert "request_id" not in lines[2]
+
+
+def test_the_writer_writes_what_is_queued_in_order_a_batch_at_a_time() -> None:
+    output = _RecordingStream()
+    writer = _writer(output)
+    emit = logging.getLogger("test.log_queue.batches")
+    emit.addHandler(CallQueueHandler(writer.records))
+    emit.setLevel(logging.INFO)
+    emit.propagate = False
+    count = LogWriter.MAX_BATCH * 2 + 5
+    long = "x" * LogWriter.CHUNK_BYTES
+    for i in range(count):  # queued before the thread starts: it finds them all waiting
+        emit.info("line %d", i)
+    emit.info(long)
+    emit.info("last")
+    writer.start()
+    writer.stop()
+    lines = [json.loads(line) for line in output.getvalue().splitlines()]
+    expected = [f"line {i}" for i in range(count)] + [long, "last"]
+    assert [line["message"] for line in lines] == expected
+    # Few writes, each of whole lines and flushed, at most PIPE_BUF bytes (atomic on a
+    # pipe) unless a single line is longer.
+    assert len(output.writes) == output.flushes < count / 5
+    assert all(w.endswith("\n") for w in output.writes)
+    assert [w for w in output.writes if len(w) > LogWriter.CHUNK_BYTES] == [output.writes[-2]]
+    assert output.writes[-2].count("\n") == 1
+
+
+def test_json_time_is_utc_with_milliseconds_across_seconds() -> None:
+    formatter = JsonFormatter()
+    for created in (1_700_000_000.25, 1_700_000_000.999, 1_700_000_001.5, 1_700_000_000.0):
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        expected = f"{stamp}.{int(record.msecs):03d}Z"
+        assert json.loads(formatter.format(record))["time"] == expected
