@@ -113,7 +113,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         )
         service.check_root_key()
         if settings.metrics_listen:
-            metrics = Metrics(lambda: _active_versions(engine))
+            metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees
         # the final status of every call), then authentication (server/api/pipeline.py).
         server = PipelineServer(
@@ -139,8 +139,12 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
             server,
         )
         port, tls = _bind(server, settings)
+        # A supervised process only records: its supervisor serves all processes' sum.
+        serves_metrics = metrics is not None and settings.process_index is None
         metrics_port = (
-            metrics.serve(settings.metrics_listen) if metrics and settings.metrics_listen else None
+            metrics.serve(settings.metrics_listen)
+            if metrics and serves_metrics and settings.metrics_listen
+            else None
         )
         server.start()
     except BaseException:
@@ -197,7 +201,7 @@ def _report_database(servicer: health.HealthServicer, serving: bool) -> None:
         servicer.set(name, status)
 
 
-def _active_versions(engine: Engine) -> list[tuple[str, int]]:
+def active_versions(engine: Engine) -> list[tuple[str, int]]:
     with engine.connect() as connection:
         rows = connection.execute(
             select(KeyRow.name, KeyRow.active_version)

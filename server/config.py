@@ -42,6 +42,9 @@ class ServerSettings:
     log_format: str = "json"
     db_statement_timeout_ms: int = 5000
     shutdown_grace_seconds: int = 10
+    processes: int = 1
+    # Set (internally) in each process a `--processes` supervisor starts.
+    process_index: int | None = None
 
     @property
     def uses_tls(self) -> bool:
@@ -62,7 +65,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--tls-cert", "KMS_TLS_CERT", "server certificate chain (PEM)"),
     ("--tls-key", "KMS_TLS_KEY", "server private key (PEM)"),
     ("--tls-client-ca", "KMS_TLS_CLIENT_CA", "CA bundle for client certificates (mutual TLS)"),
-    ("--max-workers", "KMS_MAX_WORKERS", "threads serving calls (default 16)"),
+    ("--max-workers", "KMS_MAX_WORKERS", "threads serving calls, per process (default 16)"),
+    (
+        "--processes",
+        "KMS_PROCESSES",
+        "server processes sharing the port (SO_REUSEPORT); 'auto': one per CPU (default 1)",
+    ),
     ("--db-pool-size", "KMS_DB_POOL_SIZE", "database connections per process (default 10)"),
     (
         "--db-statement-timeout-ms",
@@ -121,7 +129,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         if raw is None:
             return default
         if not raw.isdigit() or int(raw) < 1:
-            raise ConfigError(f"{flag} / {env} must be a positive whole number, not {raw!r}")
+            also = " or auto" if flag == "--processes" else ""
+            raise ConfigError(f"{flag} / {env} must be a positive whole number{also}, not {raw!r}")
         return int(raw)
 
     def path(flag: str, env: str) -> Path | None:
@@ -139,6 +148,13 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
     tls_cert, tls_key = path("--tls-cert", "KMS_TLS_CERT"), path("--tls-key", "KMS_TLS_KEY")
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+    processes_text = value("--processes", "KMS_PROCESSES")
+    processes = (
+        os.cpu_count() or 1
+        if processes_text == "auto"
+        else number("--processes", "KMS_PROCESSES", 1)
+    )
+    index_text = environ.get("KMS_PROCESS_INDEX")
     settings = ServerSettings(
         listen=value("--listen", "KMS_LISTEN") or DEFAULT_LISTEN,
         data_dir=data_dir,
@@ -162,6 +178,8 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         shutdown_grace_seconds=number("--shutdown-grace-seconds", "KMS_SHUTDOWN_GRACE_SECONDS", 10),
         metrics_listen=value("--metrics-listen", "KMS_METRICS_LISTEN"),
         log_format=(value("--log-format", "KMS_LOG_FORMAT") or "json").lower(),
+        processes=processes,
+        process_index=int(index_text) if index_text and index_text.isdigit() else None,
     )
     if settings.log_format not in ("json", "text"):
         raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")

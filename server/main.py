@@ -10,10 +10,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 
-from server import config, devmode
+from server import config, devmode, workers
 from server.api.observability import CallQueueHandler, JsonFormatter, LogWriter
 from server.app import StartupError, create_server, open_database
 from server.crypto import RootKeyError
@@ -44,21 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             open_database(settings, upgrade=True).dispose()
             print("the database schema is up to date")
             return 0
-        return _serve(settings)
+        return _serve(settings, args)
     except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
         print(f"kms-server: {error}", file=sys.stderr)
         return 2
 
 
-def _serve(settings: config.ServerSettings) -> int:
+def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     # The SQLite file, its journal and dev-mode files hold wrapped key material: owner only.
     os.umask(0o077)
-    if settings.dev:
+    supervised = settings.process_index is not None
+    if settings.dev and not supervised:
         token_files = devmode.bootstrap(settings)
         print(f"dev mode: data directory {settings.data_dir}", flush=True)
         print(f"dev mode: root key {settings.root_key_file}", flush=True)
         for path in token_files:
             print(f"dev mode: {path.name} token in {path}", flush=True)
+    if settings.processes > 1 and not supervised:
+        return workers.supervise(settings, argv)
     # The embedded default and dev mode upgrade their own schema; a shared
     # production database is migrated deliberately with `kms-server migrate`.
     embedded = settings.database_url.startswith("sqlite")
@@ -66,11 +68,13 @@ def _serve(settings: config.ServerSettings) -> int:
     host = config.listen_host(settings.listen)
     address = f"{host}:{running.port}" if ":" not in host else f"[{host}]:{running.port}"
     log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
-    print(f"kms-server listening on {address}", flush=True)
+    if not supervised:  # the supervisor says it once, for all its processes
+        print(f"kms-server listening on {address}", flush=True)
     if running.metrics_port is not None:
         log.info("serving Prometheus metrics on port %d", running.metrics_port)
     if settings.ready_file:
-        _write_atomically(settings.ready_file, address)
+        workers.write_atomically(settings.ready_file, address)
+    supervisor = os.getppid()
 
     # Signal handlers only set flags; the main thread does the work.
     wake, stopping, reloading = threading.Event(), threading.Event(), threading.Event()
@@ -88,8 +92,11 @@ def _serve(settings: config.ServerSettings) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGHUP, request_reload)
     while not stopping.is_set():
-        wake.wait()
+        wake.wait(timeout=1.0 if supervised else None)
         wake.clear()
+        if supervised and os.getppid() != supervisor:
+            log.error("the supervising kms-server process is gone; stopping")
+            break
         if reloading.is_set() and not stopping.is_set():
             reloading.clear()
             log.info("received SIGHUP, reloading the policy and certificates")
@@ -111,12 +118,6 @@ def _configure_logging(settings: config.ServerSettings) -> None:
     writer.start()
     atexit.register(writer.stop)  # writes what is still queued before the process ends
     logging.basicConfig(level=settings.log_level, handlers=[CallQueueHandler(writer.records)])
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ from sqlalchemy.engine.interfaces import DBAPICursor
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
+from server.db.engine import take_write_turn
+
 
 class StatementRunner(Protocol):
     """Runs SQL text in the driver's parameter style inside a transaction someone else ends."""
@@ -115,6 +117,7 @@ def driver_transaction(engine: Engine) -> Iterator[DriverStatements]:
     try:
         statements = DriverStatements(dialect, connection)
         if dialect.name == "sqlite":
+            take_write_turn(connection.info)  # released when the connection goes back
             statements.run("BEGIN IMMEDIATE", ())
         try:
             yield statements

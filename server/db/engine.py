@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import sqlite3
+import time
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -57,9 +62,10 @@ def _sqlite_engine(url: str) -> Engine:
     engine = create_engine(
         url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
     )
+    turn_file = f"{make_url(url).database}.writers"
 
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
         # Let SQLAlchemy's "begin" event below issue BEGIN itself.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -69,16 +75,64 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA secure_delete=ON")  # destroyed material is overwritten on disk
         cursor.close()
+        record.info[_TURN] = os.open(turn_file, os.O_RDWR | os.O_CREAT, 0o600)
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
         # SQLite has no row locks: every transaction takes the write lock up
         # front, which serializes writers and avoids lock-upgrade deadlocks.
         # A read-only snapshot (READ_SNAPSHOT) begins DEFERRED and takes no lock.
-        read_only = connection.get_execution_options().get(READ_SNAPSHOT_OPTION, False)
-        connection.exec_driver_sql("BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE")
+        if connection.get_execution_options().get(READ_SNAPSHOT_OPTION, False):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+            return
+        take_write_turn(connection.connection.info)
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None and record.info.pop(_HOLDS_TURN, False):
+            fcntl.flock(record.info[_TURN], fcntl.LOCK_UN)
+
+    @event.listens_for(engine, "close")
+    def _on_close(_dbapi_connection: Any, record: Any) -> None:
+        descriptor = record.info.pop(_TURN, None) if record is not None else None
+        if descriptor is not None:
+            os.close(descriptor)  # also ends a turn it still held
 
     return engine
+
+
+# Writers of one SQLite file take turns on an flock of a file beside it, before BEGIN
+# IMMEDIATE. SQLite's own wait for its write lock sleeps 1, 2, 5, 10... ms between
+# tries: with several processes (--processes) committing back to back, a writer that
+# just missed the lock would sleep far longer than the holder keeps it (well under a
+# millisecond). Each connection has its own descriptor, so the turn is per connection
+# (threads of one process take turns too), and it ends when the connection goes back
+# to the pool, after its COMMIT or ROLLBACK.
+_TURN = "kms_writer_turn_fd"
+_HOLDS_TURN = "kms_holds_writer_turn"
+
+
+def take_write_turn(info: dict[Any, Any]) -> None:
+    """Waits for this SQLite connection's turn to write (see above); a connection that
+    already holds it keeps it. Gives up as SQLite would, with "database is locked"."""
+    descriptor = info.get(_TURN)
+    if descriptor is None:
+        return
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = 0.00005
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            info[_HOLDS_TURN] = True
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise sa_exc.OperationalError(
+                    "BEGIN IMMEDIATE", None, sqlite3.OperationalError("database is locked")
+                ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

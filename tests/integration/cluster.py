@@ -85,6 +85,7 @@ class Replica:
     process: subprocess.Popen[bytes] | None = None
     address: str = ""
     _channels: list[grpc.Channel] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self) -> Replica:
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,7 @@ class Replica:
                 str(ready),
                 "--log-level",
                 "WARNING",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def test_statement_timeout_and_shutdown_grace_have_defaults_and_settings(tmp_pat
         KMS_SHUTDOWN_GRACE_SECONDS="30",
     )
     assert (settings.db_statement_timeout_ms, settings.shutdown_grace_seconds) == (250, 30)
+
+
+def test_processes_default_to_one_and_auto_means_one_per_cpu(tmp_path: Path) -> None:
+    assert parse("--dev", "--data-dir", str(tmp_path)).processes == 1
+    assert parse("--dev", "--data-dir", str(tmp_path), "--processes", "3").processes == 3
+    auto = parse("--dev", "--data-dir", str(tmp_path), KMS_PROCESSES="auto")
+    assert auto.processes == (os.cpu_count() or 1)
+    assert auto.process_index is None, "only a supervisor's processes have an index"
 
 
 def test_the_environment_alone_configures_the_server(tmp_path: Path) -> None:
@@ -112,6 +121,8 @@ D = "--data-dir=DATA"  # replaced by the test's temporary directory
         ([D, "--insecure", "--listen", "127.0.0.1:http"], {}, "host:port"),
         ([D], {"KMS_INSECURE": "maybe"}, "KMS_INSECURE"),
         ([D], {"KMS_DEV": "2"}, "KMS_DEV"),
+        ([D, "--insecure", "--processes", "0"], {}, "--processes"),
+        ([D, "--insecure"], {"KMS_PROCESSES": "all"}, "KMS_PROCESSES"),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_setting(
