@@ -1,17 +1,19 @@
-"""A closed-loop load generator over the grpc futures API, and process CPU accounting.
+"""A closed-loop load generator on grpc.aio, and process CPU accounting.
 
-One client process, one channel: `in_flight` calls are kept outstanding with
-`stub.Method.future(...)`; each completion frees a slot for the next call.
-The same generator drives the echo baseline and kms-server, so the client's
-own cost is the same on both sides of every ratio.
+One client process and one event loop: `in_flight` tasks each keep one call
+outstanding, spread round-robin over the channels the call factory uses. The
+same generator drives the echo baseline and kms-server, so the client's own
+cost is the same on both sides of every ratio. (asyncio rather than the sync
+futures API: its cost per call does not grow with the number of channels.)
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import os
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +21,31 @@ import grpc
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
-# Makes the future of call number i (each call gets its own request).
-CallFactory = Callable[[int], "grpc.Future[Any]"]
+# Starts call number i (each call gets its own request); awaiting it gives the reply.
+CallFactory = Callable[[int], Awaitable[Any]]
 
 
 def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc/PID/stat (fields 14 and 15)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        text = stat.read().decode()
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    """User + system CPU time of a process and of its live children (a server started with
+    several processes), from /proc/PID/stat (fields 14 and 15)."""
+    total = 0
+    for stat_path in [f"/proc/{pid}/stat", *_children_stat_paths(pid)]:
+        try:
+            with open(stat_path, "rb") as stat:
+                text = stat.read().decode()
+        except OSError:
+            continue  # exited in between
+        fields = text[text.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def _children_stat_paths(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            return [f"/proc/{child}/stat" for child in children.read().split()]
+    except OSError:
+        return []
 
 
 def own_cpu_seconds() -> float:
@@ -79,76 +96,93 @@ class LoadResult:
         }
 
 
-def closed_loop(
+class EventLoop:
+    """One asyncio loop for a whole benchmark run: grpc.aio channels belong to the loop
+    they were opened on, so channels and load phases all run here."""
+
+    def __init__(self) -> None:
+        self._runner = asyncio.Runner()
+
+    def channels(self, address: str, count: int) -> list[grpc.aio.Channel]:
+        """`count` channels, each with its own TCP connection (grpc would otherwise share one,
+        and the kernel spreads connections, not calls, over a server's processes)."""
+
+        async def open_all() -> list[grpc.aio.Channel]:
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+
+        return self._runner.run(open_all())
+
+    def close(self, channels: list[grpc.aio.Channel]) -> None:
+        async def close_all() -> None:
+            for channel in channels:
+                await channel.close(None)
+
+        self._runner.run(close_all())
+
+    def closed_loop(
+        self,
+        make_call: CallFactory,
+        *,
+        in_flight: int,
+        duration: float,
+        warmup: float,
+        server_pid: int,
+        first_index: int = 0,
+    ) -> LoadResult:
+        """Keeps `in_flight` calls outstanding for `warmup` then `duration` seconds.
+
+        Each of `in_flight` tasks issues its next call as soon as the last one
+        returns. The warm-up calls finish before the measured window starts;
+        the window ends when the last call started in it has completed. Server
+        CPU is read from /proc around the window, so it is per measured call.
+        """
+        return self._runner.run(
+            _closed_loop(make_call, in_flight, duration, warmup, server_pid, first_index)
+        )
+
+    def shutdown(self) -> None:
+        self._runner.close()
+
+
+async def _closed_loop(
     make_call: CallFactory,
-    *,
     in_flight: int,
     duration: float,
     warmup: float,
     server_pid: int,
-    first_index: int = 0,
+    first_index: int,
 ) -> LoadResult:
-    """Keeps `in_flight` calls outstanding for `warmup` then `duration` seconds.
-
-    Only the calls issued after the warm-up count; the measured window ends
-    when the last of them has completed. Server CPU is read from /proc around
-    the measured window, so it is per measured call.
-    """
-    slots = threading.Semaphore(in_flight)
-    lock = threading.Lock()
     latencies: list[float] = []
     errors = [0]
     first_error = [""]
-    recording = [False]
-    index = first_index
+    issued = [0]
+    next_index = itertools.count(first_index)
 
-    def issue(i: int) -> None:
-        record = recording[0]
-        start = time.perf_counter()
-        future = make_call(i)
-
-        def done(finished: grpc.Future[Any]) -> None:
-            elapsed = time.perf_counter() - start
-            error = finished.exception()
+    async def caller(until: float, record: bool) -> None:
+        while time.perf_counter() < until:
+            began = time.perf_counter()
+            issued[0] += record
+            try:
+                await make_call(next(next_index))
+            except grpc.aio.AioRpcError as error:
+                if record:
+                    errors[0] += 1
+                    first_error[0] = first_error[0] or str(error)[:300]
+                continue
             if record:
-                with lock:
-                    if error is None:
-                        latencies.append(elapsed)
-                    else:
-                        errors[0] += 1
-                        if not first_error[0]:
-                            first_error[0] = str(error)[:300]
-            slots.release()
+                latencies.append(time.perf_counter() - began)
 
-        future.add_done_callback(done)
-
-    warm_until = time.perf_counter() + warmup
-    while time.perf_counter() < warm_until:
-        slots.acquire()
-        issue(index)
-        index += 1
-    # Drain the warm-up calls so the measured window starts clean.
-    for _ in range(in_flight):
-        slots.acquire()
-    for _ in range(in_flight):
-        slots.release()
-
-    recording[0] = True
+    if warmup > 0:
+        until = time.perf_counter() + warmup
+        await asyncio.gather(*(caller(until, False) for _ in range(in_flight)))
     server_before = process_cpu_seconds(server_pid)
     client_before = own_cpu_seconds()
     started = time.perf_counter()
-    stop_at = started + duration
-    while time.perf_counter() < stop_at:
-        slots.acquire()
-        issue(index)
-        index += 1
-    for _ in range(in_flight):
-        slots.acquire()
+    await asyncio.gather(*(caller(started + duration, True) for _ in range(in_flight)))
     seconds = time.perf_counter() - started
     server_cpu = process_cpu_seconds(server_pid) - server_before
     client_cpu = own_cpu_seconds() - client_before
-    for _ in range(in_flight):
-        slots.release()
     return LoadResult(
         in_flight=in_flight,
         calls=len(latencies),
@@ -157,6 +191,6 @@ def closed_loop(
         latencies=latencies,
         server_cpu_seconds=server_cpu,
         client_cpu_seconds=client_cpu,
-        issued=index - first_index,
+        issued=issued[0],
         first_error=first_error[0],
     )

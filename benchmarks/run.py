@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import grpc
 
 from benchmarks import archives, seed
 from benchmarks.echo_server import METHOD
-from benchmarks.load import CallFactory, LoadResult, closed_loop, percentile
+from benchmarks.load import CallFactory, EventLoop, LoadResult, percentile
 from benchmarks.servers import (
     REPO,
     KmsProcess,
@@ -33,9 +34,11 @@ from benchmarks.servers import (
 from kms.v1 import kms_pb2, kms_pb2_grpc
 
 CONCURRENT = 64
+CONNECTIONS = 16
 CLIENT_MODEL = (
-    "one client process, one channel, grpc futures API (stub.Method.future) keeping N calls "
-    "in flight; the same client drives echo and kms-server"
+    "one client process, grpc.aio: N tasks each keeping one call in flight, spread "
+    "round-robin over --connections channels (one TCP connection each); the same client "
+    "drives echo and kms-server"
 )
 BENCH_KEY = "bench"
 ROTATE_KEY = "bench-rotate"
@@ -100,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and a hotspot summary",
     )
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="kms-server --processes N, and the echo baseline started the same way: N "
+        "processes accepting on one port (default 1)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=CONNECTIONS,
+        help="client connections the calls are spread over, for kms-server and echo alike "
+        "(default %(default)s; the kernel spreads connections, not calls, over processes)",
+    )
+    parser.add_argument(
         "--profile-seconds", type=int, default=15, help="py-spy duration (default 15)"
     )
     parser.add_argument(
@@ -124,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             "backend": backend,
             "client": CLIENT_MODEL,
             "in_flight": [1, CONCURRENT],
+            "processes": args.processes,
+            "connections": args.connections,
             "warmup_s": sizes.warmup,
             "phase_s": sizes.duration,
             "work_dir": str(work),
         },
     }
-    bench = Bench(sizes, results)
+    bench = Bench(sizes, results, args.processes, args.connections)
     print(f"benchmark ({results['settings']['mode']}, {backend}); client: {CLIENT_MODEL}")
 
     bench.step("raw AES-GCM at 1 MiB segments")
@@ -143,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with database(args.database_url) as url:
         bench.step(f"kms-server on an empty {backend} database")
-        with kms_server(work / "kms-empty", url) as kms:
-            client = Client(kms)
+        with kms_server(work / "kms-empty", url, bench.processes) as kms:
+            client = Client(kms, bench.loop, bench.connections)
             client.setup_bench_keys()
             if "rpcs" not in args.skip:
                 results["kms_empty"] = bench.rpc_figures("empty", client, [BENCH_KEY], None)
@@ -175,23 +194,27 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    bench.loop.shutdown()
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
 def echo_baseline(bench: Bench, work: Path) -> dict[str, Any]:
     """The bare grpcio echo server at 1 and at CONCURRENT calls in flight."""
-    with echo_server(work) as echo:
-        channel = grpc.insecure_channel(echo.address)
-        call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+    with echo_server(work, bench.processes) as echo:
+        channels = bench.loop.channels(echo.address, bench.connections)
+        calls = [
+            channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
+            for channel in channels
+        ]
         payload = os.urandom(40)
         metadata = (("authorization", "Bearer " + "x" * 43),)  # the size of a dev token
 
-        def echo_call(_: int) -> grpc.Future[Any]:
-            return call.future(payload, metadata=metadata, timeout=30)
+        def echo_call(i: int) -> Awaitable[Any]:
+            return calls[i % len(calls)](payload, metadata=metadata, timeout=30)
 
         figures = bench.load_pair("echo", echo_call, echo.pid)
-        channel.close()
+        bench.loop.close(channels)
     return figures
 
 
@@ -215,12 +238,16 @@ class database:
 
 
 class Client:
-    """Stubs with each role's token, over one channel to a kms-server."""
+    """Stubs with each role's token: one blocking channel for set-up and single calls, and
+    `connection_count` asyncio channels (one connection each) for the load."""
 
-    def __init__(self, kms: KmsProcess) -> None:
+    def __init__(self, kms: KmsProcess, loop: EventLoop, connection_count: int = 1) -> None:
         self.kms = kms
+        self.loop = loop
         self.channel = grpc.insecure_channel(kms.address)
         self.stub = kms_pb2_grpc.KeyManagementServiceStub(self.channel)
+        self.load_channels = loop.channels(kms.address, connection_count)
+        self.stubs = [kms_pb2_grpc.KeyManagementServiceStub(c) for c in self.load_channels]
         self.metadata = {
             role: (("authorization", f"Bearer {kms.token(role)}"),)
             for role in ("admin", "backup", "restore", "auditor")
@@ -228,6 +255,7 @@ class Client:
 
     def close(self) -> None:
         self.channel.close()
+        self.loop.close(self.load_channels)
 
     def setup_bench_keys(self) -> None:
         admin = self.metadata["admin"]
@@ -242,26 +270,26 @@ class Client:
 
     def get_active_key(self, keys: list[str], issued: list[str]) -> CallFactory:
         metadata = self.metadata["backup"]
-        method = self.stub.GetActiveKey
+        methods = [stub.GetActiveKey for stub in self.stubs]
 
-        def make(i: int) -> grpc.Future[Any]:
+        def make(i: int) -> Awaitable[Any]:
             backup_id = str(uuid.uuid4())
             issued.append(backup_id)
             request = kms_pb2.GetActiveKeyRequest(key_name=keys[i % len(keys)], backup_id=backup_id)
-            future: grpc.Future[Any] = method.future(request, metadata=metadata, timeout=30)
-            return future
+            call: Awaitable[Any] = methods[i % len(methods)](request, metadata=metadata, timeout=30)
+            return call
 
         return make
 
     def resolve(self, backup_ids: list[str]) -> CallFactory:
         metadata = self.metadata["restore"]
-        method = self.stub.ResolveKeyForBackup
+        methods = [stub.ResolveKeyForBackup for stub in self.stubs]
         count = len(backup_ids)
 
-        def make(i: int) -> grpc.Future[Any]:
+        def make(i: int) -> Awaitable[Any]:
             request = kms_pb2.ResolveKeyForBackupRequest(backup_id=backup_ids[i % count])
-            future: grpc.Future[Any] = method.future(request, metadata=metadata, timeout=30)
-            return future
+            call: Awaitable[Any] = methods[i % len(methods)](request, metadata=metadata, timeout=30)
+            return call
 
         return make
 
@@ -299,16 +327,21 @@ class Client:
 
 
 class Bench:
-    def __init__(self, sizes: Sizes, results: dict[str, Any]) -> None:
+    def __init__(
+        self, sizes: Sizes, results: dict[str, Any], processes: int = 1, connections: int = 1
+    ) -> None:
         self.sizes = sizes
         self.results = results
+        self.processes = processes
+        self.connections = connections
+        self.loop = EventLoop()
         self.began = time.perf_counter()
 
     def step(self, what: str) -> None:
         print(f"[{time.perf_counter() - self.began:6.1f}s] {what}", flush=True)
 
     def load(self, label: str, make: CallFactory, pid: int, in_flight: int) -> dict[str, Any]:
-        result: LoadResult = closed_loop(
+        result: LoadResult = self.loop.closed_loop(
             make,
             in_flight=in_flight,
             duration=self.sizes.duration,
@@ -374,8 +407,8 @@ class Bench:
             }
         }
         self.step(f"scale: seeded in {seeded.seconds:.1f}s; measuring")
-        with kms_server(data_dir, url) as kms:
-            client = Client(kms)
+        with kms_server(data_dir, url, self.processes) as kms:
+            client = Client(kms, self.loop, self.connections)
             figures.update(self.rpc_figures("scale", client, seeded.keys, seeded.sample_backup_ids))
             self.step("scale: VerifyAuditLog over the whole chain")
             figures["verify_audit"] = client.verify_audit()
@@ -394,7 +427,7 @@ class Bench:
         output.parent.mkdir(parents=True, exist_ok=True)
         flame = output.suffix == ".svg"
         with kms_server(data_dir, url) as kms:
-            client = Client(kms)
+            client = Client(kms, self.loop, self.connections)
             client.setup_bench_keys()
             command = [
                 py_spy, "record", "--pid", str(kms.pid), "--duration", str(args.profile_seconds),
@@ -405,7 +438,7 @@ class Bench:
             recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
             issued: list[str] = []
-            closed_loop(
+            self.loop.closed_loop(
                 client.get_active_key([BENCH_KEY], issued),
                 in_flight=CONCURRENT,
                 duration=args.profile_seconds,

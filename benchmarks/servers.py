@@ -67,8 +67,9 @@ def _start(command: list[str], ready_file: Path, log_path: Path) -> Process:
 
 
 @contextmanager
-def echo_server(work: Path) -> Iterator[Process]:
+def echo_server(work: Path, processes: int = 1) -> Iterator[Process]:
     command = [sys.executable, "-m", "benchmarks.echo_server", "--listen", "127.0.0.1:0"]
+    command += ["--processes", str(processes)]
     ready = work / "echo.ready"
     server = _start([*command, "--ready-file", str(ready)], ready, work / "echo.log")
     try:
@@ -88,11 +89,12 @@ class KmsProcess(Process):
         return self.data_dir / "tokens" / role
 
 
-def start_kms(data_dir: Path, database_url: str = "") -> KmsProcess:
+def start_kms(data_dir: Path, database_url: str = "", processes: int = 1) -> KmsProcess:
     """`kms-server --dev` on an ephemeral loopback port; SQLite in DATA_DIR unless a URL."""
     ready = data_dir.with_name(data_dir.name + ".ready")
     command = [sys.executable, "-m", "server.main", "--dev", "--data-dir", str(data_dir)]
     command += ["--listen", "127.0.0.1:0", "--ready-file", str(ready)]
+    command += ["--processes", str(processes)]
     if database_url:
         command += ["--database-url", database_url]
     started = _start(command, ready, data_dir.with_name(data_dir.name + ".log"))
@@ -100,8 +102,8 @@ def start_kms(data_dir: Path, database_url: str = "") -> KmsProcess:
 
 
 @contextmanager
-def kms_server(data_dir: Path, database_url: str = "") -> Iterator[KmsProcess]:
-    server = start_kms(data_dir, database_url)
+def kms_server(data_dir: Path, database_url: str = "", processes: int = 1) -> Iterator[KmsProcess]:
+    server = start_kms(data_dir, database_url, processes)
     try:
         yield server
     finally:
