@@ -8,7 +8,6 @@ refused here for its credentials is audited through `record_denial`.
 from __future__ import annotations
 
 import contextvars
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -19,8 +18,6 @@ from server.api.observability import CURRENT_CALL, Behaviour
 from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import ANONYMOUS, Action, Principal
 from server.policy import Policy
-
-log = logging.getLogger(__name__)
 
 CURRENT_PRINCIPAL: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 BEARER_PREFIX = "bearer "

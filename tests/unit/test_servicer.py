@@ -1,6 +1,6 @@
 """The servicer on its own, without a socket (grpc_testing): deny by default.
 
-Authentication is the interceptor's job; if the servicer is ever mounted
+Authentication is the pipeline's job (server/api/pipeline.py); if the servicer is ever mounted
 without it, every RPC must be refused rather than run for nobody.
 """
 
