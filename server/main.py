@@ -6,17 +6,15 @@ import argparse
 import atexit
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Sequence
-from types import FrameType
 
 from server import config, devmode, workers
 from server.api.observability import CallQueueHandler, JsonFormatter, LogWriter
 from server.app import StartupError, create_server, open_database
 from server.crypto import RootKeyError
 from server.policy import PolicyError
+from server.signals import ServerSignals
 
 log = logging.getLogger("kms-server")
 
@@ -77,20 +75,8 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     supervisor = os.getppid()
 
     # Signal handlers only set flags; the main thread does the work.
-    wake, stopping, reloading = threading.Event(), threading.Event(), threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        stopping.set()
-        wake.set()
-
-    def request_reload(_signum: int, _frame: FrameType | None) -> None:
-        reloading.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
+    signals = ServerSignals("shutting down").install()
+    wake, stopping, reloading = signals.wake, signals.stopping, signals.reloading
     while not stopping.is_set():
         wake.wait(timeout=1.0 if supervised else None)
         wake.clear()

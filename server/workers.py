@@ -25,7 +25,6 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -36,6 +35,7 @@ from server.api.observability import ActiveVersionCollector
 from server.app import StartupError, active_versions, open_database
 from server.crypto import RootKey
 from server.service import KeyManagementService
+from server.signals import ServerSignals
 
 log = logging.getLogger("kms-server")
 
@@ -76,20 +76,8 @@ def _run(
         _start(settings, argv, index, address, scratch, metrics_dir)
         for index in range(settings.processes)
     ]
-    wake, stopping, reloading = threading.Event(), threading.Event(), threading.Event()
-
-    def request_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, stopping %d processes", signal.Signals(signum).name, len(processes))
-        stopping.set()
-        wake.set()
-
-    def request_reload(_signum: int, _frame: FrameType | None) -> None:
-        reloading.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGHUP, request_reload)
+    signals = ServerSignals(f"stopping {len(processes)} processes").install()
+    wake, stopping, reloading = signals.wake, signals.stopping, signals.reloading
     status = 0
     try:
         _wait_until_ready(processes, scratch, stopping)
