@@ -69,6 +69,8 @@ class KmsServer:
             self.probe.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_seconds).wait()
+        if self.service is not None:
+            self.service.close()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
         if self.metrics is not None:
@@ -102,6 +104,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     embedded = engine.dialect.name == "sqlite"
     probe = None if embedded else DatabaseProbe(settings.database_url)
     metrics: Metrics | None = None  # bound before anything below can fail
+    service: KeyManagementService | None = None
     try:
         service = KeyManagementService(
             engine,
@@ -145,6 +148,8 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         )
         server.start()
     except BaseException:
+        if service is not None:
+            service.close()
         if probe is not None:
             probe.stop()
         if metrics is not None:

@@ -1,72 +1,72 @@
 """Group commit: concurrent calls share one transaction, so one commit (one fsync) serves many.
 
-Leader and followers, no thread of its own: a call that finds no batch running
-runs one itself (the leader), with every call queued so far; calls arriving
-meanwhile queue up and wait. When its batch has committed the leader wakes the
-calls it ran, and hands the lead to the first call still queued, whose batch
-then takes everything that gathered in the meantime. Nothing is acknowledged
-before it is durable; a lone call runs on its own thread, with no hand-off; and
-under load batches grow by themselves, so there is no timer to tune.
+Worker threads submit requests and block; a single committer thread takes
+everything queued, runs it as one batch, commits, and only then wakes the
+submitters. Nothing is acknowledged before it is durable, and while one batch
+commits the next one gathers by itself, so there is no timer to tune.
 """
 
 from __future__ import annotations
 
-import contextvars
+import logging
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 R = TypeVar("R")
 
+log = logging.getLogger(__name__)
 
-class _Waiter(Generic[R]):
-    __slots__ = ("leads", "request", "wake")
-
-    def __init__(self, request: R) -> None:
-        self.request = request
-        # Taken here, released by whoever wakes this call: a fraction of an Event's cost.
-        self.wake = threading.Lock()
-        self.wake.acquire()
-        self.leads = False  # woken to run the next batch, not because its batch committed
+_STOP = object()
 
 
 class GroupCommitter(Generic[R]):
     def __init__(self, run_batch: Callable[[Sequence[R]], None], *, max_batch: int = 256) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._mutex = threading.Lock()
-        self._queued: list[_Waiter[R]] = []
-        self._leader_running = False
+        self._queue: queue.SimpleQueue[tuple[R, threading.Lock] | object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
+        self._thread.start()
 
     def submit(self, request: R) -> None:
-        """Runs the request in a batch and returns once that batch has committed."""
-        waiter = _Waiter(request)
-        with self._mutex:
-            self._queued.append(waiter)
-            follows = self._leader_running
-            self._leader_running = True
-        if follows:
-            waiter.wake.acquire()
-            if not waiter.leads:
-                return  # its batch committed
-        self._lead()
+        """Runs the request in the next batch and returns once that batch has committed."""
+        # A lock taken here and released by the committer: a fraction of an Event's cost.
+        done = threading.Lock()
+        done.acquire()
+        self._queue.put((request, done))
+        done.acquire()
 
-    def _lead(self) -> None:
-        # The leader is the first queued call, so its own request is in this batch.
-        with self._mutex:
-            batch = self._queued[: self._max_batch]
-            del self._queued[: self._max_batch]
-        try:
-            # In an empty context: what the batch logs belongs to no one call's request id.
-            contextvars.Context().run(self._run_batch, [waiter.request for waiter in batch])
-        finally:
-            # run_batch records each request's outcome on the request itself.
-            for waiter in batch[1:]:
-                waiter.wake.release()
-            with self._mutex:
-                if self._queued:
-                    successor = self._queued[0]
-                    successor.leads = True
-                    successor.wake.release()
-                else:
-                    self._leader_running = False
+    def stop(self) -> None:
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            entries: list[tuple[R, threading.Lock]] = batch  # type: ignore[assignment]
+            try:
+                self._run_batch([request for request, _ in entries])
+            except Exception:
+                # A bug in the batch: its calls find no outcome and fail; the committer
+                # must live on, or every later call would wait forever.
+                log.exception("a group-commit batch raised")
+            finally:
+                # run_batch records each request's outcome on the request itself.
+                for _, done in entries:
+                    done.release()
+            if stopping:
+                return

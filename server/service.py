@@ -113,6 +113,10 @@ class KeyManagementService:
         self._materials: dict[tuple[str, int, bytes], bytes] = {}
         self._committer = GroupCommitter(self._run_data_key_batch)
 
+    def close(self) -> None:
+        """Stops the group committer once in-flight calls are done."""
+        self._committer.stop()
+
     # Start-up
 
     def check_root_key(self) -> None:

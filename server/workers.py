@@ -48,8 +48,11 @@ def supervise(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     """Runs `settings.processes` kms-server processes until SIGTERM; returns the exit status."""
     engine = open_database(settings, upgrade=settings.dev or _embedded(settings))
     try:
-        # Once, before the processes could race to record the root key's check value.
-        KeyManagementService(engine, RootKey.load(settings.root_key_file)).check_root_key()
+        service = KeyManagementService(engine, RootKey.load(settings.root_key_file))
+        try:
+            service.check_root_key()  # once, before the processes could race to record it
+        finally:
+            service.close()
         port_holders = _reserve_port(settings.listen)
         port = port_holders[0].getsockname()[1]
         host = config.listen_host(settings.listen)

@@ -442,6 +442,7 @@ def test_a_pool_timeout_is_an_outage_not_an_unknown_error(tmp_path: Path) -> Non
             service.get_active_key(caller, "tenant", "backup-1")
     finally:
         held.close()
+        service.close()
         engine.dispose()
     assert raised.value.reason == "DATABASE_UNAVAILABLE"
     assert told == [True], "the health probe is told at once"

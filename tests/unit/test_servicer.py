@@ -34,6 +34,7 @@ def servicer_server(tmp_path: Path) -> Iterator[grpc_testing.Server]:
             {SERVICE: KeyManagementServicer(service)}, grpc_testing.strict_real_time()
         )
     finally:
+        service.close()
         engine.dispose()
 
 
