@@ -50,6 +50,17 @@ class ServerSettings:
     def uses_tls(self) -> bool:
         return self.tls_cert is not None
 
+    @property
+    def upgrades_own_schema(self) -> bool:
+        """The embedded default and dev mode migrate their own schema; a shared production
+        database is migrated deliberately with `kms-server migrate`."""
+        return self.dev or self.database_url.startswith("sqlite")
+
+    def address(self, port: int) -> str:
+        """host:port of the listen host with the port actually bound (IPv6 in brackets)."""
+        host = listen_host(self.listen)
+        return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+
 
 # (flag, environment variable, help) for every setting; the README lists the same.
 _SETTINGS: list[tuple[str, str, str]] = [

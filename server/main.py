@@ -59,12 +59,8 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
             print(f"dev mode: {path.name} token in {path}", flush=True)
     if settings.processes > 1 and not supervised:
         return workers.supervise(settings, argv)
-    # The embedded default and dev mode upgrade their own schema; a shared
-    # production database is migrated deliberately with `kms-server migrate`.
-    embedded = settings.database_url.startswith("sqlite")
-    running = create_server(settings, upgrade_schema=settings.dev or embedded)
-    host = config.listen_host(settings.listen)
-    address = f"{host}:{running.port}" if ":" not in host else f"[{host}]:{running.port}"
+    running = create_server(settings, upgrade_schema=settings.upgrades_own_schema)
+    address = settings.address(running.port)
     log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
     if not supervised:  # the supervisor says it once, for all its processes
         print(f"kms-server listening on {address}", flush=True)

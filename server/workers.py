@@ -46,7 +46,7 @@ READY_TIMEOUT_SECONDS = 60.0
 
 def supervise(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     """Runs `settings.processes` kms-server processes until SIGTERM; returns the exit status."""
-    engine = open_database(settings, upgrade=settings.dev or _embedded(settings))
+    engine = open_database(settings, upgrade=settings.upgrades_own_schema)
     try:
         service = KeyManagementService(engine, RootKey.load(settings.root_key_file))
         try:
@@ -54,11 +54,13 @@ def supervise(settings: config.ServerSettings, argv: Sequence[str]) -> int:
         finally:
             service.close()
         port_holders = _reserve_port(settings.listen)
-        port = port_holders[0].getsockname()[1]
-        host = config.listen_host(settings.listen)
-        address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-        with tempfile.TemporaryDirectory(prefix="kms-processes-") as scratch:
-            return _run(settings, argv, address, Path(scratch), engine)
+        try:
+            address = settings.address(port_holders[0].getsockname()[1])
+            with tempfile.TemporaryDirectory(prefix="kms-processes-") as scratch:
+                return _run(settings, argv, address, Path(scratch), engine)
+        finally:
+            for holder in port_holders:
+                holder.close()
     finally:
         engine.dispose()
 
@@ -210,10 +212,6 @@ def _serve_metrics(settings: config.ServerSettings, directory: Path, engine: Eng
     host, _, port = settings.metrics_listen.rpartition(":")
     http, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
     return int(http.server_port)
-
-
-def _embedded(settings: config.ServerSettings) -> bool:
-    return settings.database_url.startswith("sqlite")
 
 
 def write_atomically(path: Path, text: str) -> None:

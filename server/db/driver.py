@@ -64,29 +64,21 @@ class DriverStatements:
         self._cursor: DBAPICursor = connection.cursor()
 
     def rows(self, sql: str, params: Sequence[Any]) -> Sequence[Sequence[Any]]:
-        try:
+        with self._translated(sql):
             self._cursor.execute(sql, tuple(params))
             return self._cursor.fetchall()
-        except self._dialect.loaded_dbapi.Error as error:
-            raise self._translate(error, sql) from error
 
     def run(self, sql: str, params: Sequence[Any]) -> None:
-        try:
+        with self._translated(sql):
             self._cursor.execute(sql, tuple(params))
-        except self._dialect.loaded_dbapi.Error as error:
-            raise self._translate(error, sql) from error
 
     def run_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
+        with self._translated(sql):
             self._cursor.executemany(sql, rows)
-        except self._dialect.loaded_dbapi.Error as error:
-            raise self._translate(error, sql) from error
 
     def commit(self) -> None:
-        try:
+        with self._translated("COMMIT"):
             self._connection.commit()
-        except self._dialect.loaded_dbapi.Error as error:
-            raise self._translate(error, "COMMIT") from error
 
     def rollback(self) -> None:
         """Best effort: a connection that cannot even roll back is discarded."""
@@ -97,11 +89,18 @@ class DriverStatements:
         except self._dialect.loaded_dbapi.Error as error:
             self._connection.invalidate(error)
 
-    def _translate(self, error: Any, sql: str) -> sa_exc.DBAPIError:
-        lost = self._dialect.is_disconnect(error, self._connection.dbapi_connection, self._cursor)
-        if lost:
-            self._connection.invalidate(error)  # the pool opens a new one next time
-        return _wrap(self._dialect, error, sql, lost)
+    @contextmanager
+    def _translated(self, sql: str) -> Iterator[None]:
+        """Driver errors out as SQLAlchemy's; a lost connection is invalidated on the way."""
+        try:
+            yield
+        except self._dialect.loaded_dbapi.Error as error:
+            lost = self._dialect.is_disconnect(
+                error, self._connection.dbapi_connection, self._cursor
+            )
+            if lost:
+                self._connection.invalidate(error)  # the pool opens a new one next time
+            raise _wrap(self._dialect, error, sql, lost) from error
 
 
 @contextmanager
