@@ -18,7 +18,6 @@ import re
 import select
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,8 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from server.crypto import random_bytes
 
 log = logging.getLogger(__name__)
 call_log = logging.getLogger("kms.call")
@@ -229,7 +230,7 @@ def _request_id(metadata: Iterable[tuple[str, Any]]) -> str:
             if _SANE_REQUEST_ID.fullmatch(value):
                 return value
             break
-    return uuid.uuid4().hex
+    return random_bytes(16).hex()  # as uuid4().hex, without a GIL release of its own
 
 
 def _reason(trailing: Iterable[tuple[str, Any]]) -> str:

@@ -58,6 +58,23 @@ def test_a_block_that_raises_rolls_back(engine: Engine) -> None:
     assert bindings(engine) == 0
 
 
+def test_a_batch_of_any_size_is_inserted_whole(engine: Engine) -> None:
+    # 100 rows: multi-row INSERTs of 64, 32 and 4 rows, each row where it belongs.
+    rows = [
+        dict(zip(COLUMNS, (f"backup-{n}", "tenant", 1, bytes([n]) * 60, n, False), strict=True))
+        for n in range(100)
+    ]
+    with driver_transaction(engine) as statements:
+        DataKeyStore(statements).add_bindings(rows)
+    with engine.connect() as connection:
+        stored = connection.execute(
+            text("SELECT backup_id, wrapped_data_key, created_us FROM backup_bindings")
+        ).all()
+    assert sorted((b, bytes(w), c) for b, w, c in stored) == sorted(
+        (row["backup_id"], row["wrapped_data_key"], row["created_us"]) for row in rows
+    )
+
+
 def test_driver_errors_come_out_as_sqlalchemy_errors_without_parameters(engine: Engine) -> None:
     row = dict(zip(COLUMNS, BINDING, strict=True))
     with driver_transaction(engine) as statements:

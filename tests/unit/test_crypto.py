@@ -166,3 +166,31 @@ def test_new_key_material_is_32_random_bytes() -> None:
     values = {crypto.new_key_material() for _ in range(10)}
     assert len(values) == 10
     assert all(len(v) == 32 for v in values)
+
+
+def test_random_bytes_never_hands_out_the_same_bytes_twice() -> None:
+    # Enough takes to cross several of the pool's blocks, including takes that straddle one.
+    sizes = [12, 32, 16, 7] * 600
+    taken = [crypto.random_bytes(size) for size in sizes]
+    assert [len(value) for value in taken] == sizes
+    whole = [value for value in taken if len(value) >= 12]
+    assert len(set(whole)) == len(whole)
+
+
+def test_random_bytes_larger_than_a_block_come_straight_from_the_kernel() -> None:
+    big = crypto.random_bytes(10_000)
+    assert len(big) == 10_000 and big != bytes(10_000)
+
+
+def test_a_forked_child_does_not_reuse_its_parents_random_bytes() -> None:
+    crypto.random_bytes(1)  # the parent holds a partly used block
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send what it would hand out next, then leave at once
+        os.write(writer, crypto.random_bytes(32))
+        os._exit(0)
+    os.close(writer)
+    child = os.read(reader, 32)
+    os.close(reader)
+    os.waitpid(pid, 0)
+    assert crypto.random_bytes(32) != child
