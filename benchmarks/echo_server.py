@@ -2,10 +2,10 @@
 
     python -m benchmarks.echo_server --listen 127.0.0.1:0 --ready-file FILE [--processes N]
 
-Same model as kms-server (`grpc.server` over a ThreadPoolExecutor of 16
-workers, the same receive limit, plaintext on loopback), no interceptor, no
-proto: a generic handler takes the raw request bytes and replies with a fresh
-32-byte key, like a data key. With `--processes N`, like `kms-server --processes N`:
+Same model and settings as kms-server (a `grpc.aio` server on one event loop,
+the same receive limit and cap on calls in progress, plaintext on loopback), no
+pipeline, no proto: a coroutine takes the raw request bytes and replies with a
+fresh 32-byte key, like a data key. With `--processes N`, like `kms-server --processes N`:
 N such servers accept on one port (SO_REUSEPORT, grpc's default on Linux), started
 by this process, which holds the port and stops them on SIGTERM.
 """
@@ -13,6 +13,7 @@ by this process, which holds the port and stops them on SIGTERM.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import socket
@@ -20,17 +21,16 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 
 METHOD = "/bench.Echo/GetKey"
-MAX_WORKERS = 16  # kms-server's default --max-workers
 MAX_REQUEST_BYTES = 64 * 1024  # server.app.MAX_REQUEST_BYTES
+MAX_CONCURRENT_RPCS = 256  # kms-server's default --max-concurrent-rpcs
 
 
-def _get_key(request: bytes, context: grpc.ServicerContext) -> bytes:
+async def _get_key(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
     return os.urandom(32)
 
 
@@ -42,9 +42,13 @@ def main() -> int:
     args = parser.parse_args()
     if args.processes > 1:
         return _supervise(args.listen, args.processes, args.ready_file)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=MAX_WORKERS),
+    return asyncio.run(_serve(args.listen, args.ready_file))
+
+
+async def _serve(listen: str, ready_file: Path) -> int:
+    server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
@@ -55,12 +59,16 @@ def main() -> int:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port(args.listen)
-    server.start()
-    host = args.listen.rsplit(":", 1)[0]
-    _write_ready(args.ready_file, f"{host}:{port}")
-    _wait_for_sigterm()
-    server.stop(1).wait()
+    port = server.add_insecure_port(listen)
+    await server.start()
+    host = listen.rsplit(":", 1)[0]
+    _write_ready(ready_file, f"{host}:{port}")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    await stopping.wait()
+    await server.stop(1)
     return 0
 
 

@@ -23,6 +23,7 @@ from server.db import migrate
 from server.db.engine import make_engine
 from server.db.health import DatabaseProbe
 from server.db.models import KeyRow
+from server.event_loop import EventLoopThread
 from server.policy import Policy
 from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
 from server.service import KeyManagementService
@@ -41,7 +42,8 @@ class StartupError(Exception):
 
 @dataclass
 class KmsServer:
-    server: grpc.Server
+    server: grpc.aio.Server
+    loop: EventLoopThread
     port: int
     health: health.HealthServicer
     engine: Engine
@@ -68,7 +70,8 @@ class KmsServer:
         if self.probe is not None:
             self.probe.stop()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_seconds).wait()
+        self.loop.run(self.server.stop(grace_seconds))
+        self.loop.stop()  # after the blocking calls still running in its executor
         if self.service is not None:
             self.service.close()
         if self.health_server is not None:
@@ -105,6 +108,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     probe = None if embedded else DatabaseProbe(settings.database_url)
     metrics: Metrics | None = None  # bound before anything below can fail
     service: KeyManagementService | None = None
+    loop = EventLoopThread(blocking_workers=settings.max_workers)
     try:
         service = KeyManagementService(
             engine,
@@ -117,12 +121,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         # Every handler added to the server is wrapped once: observability (outermost: it sees
         # the final status of every call), then authentication (server/api/pipeline.py).
         server = PipelineServer(
-            grpc.server(
-                futures.ThreadPoolExecutor(max_workers=settings.max_workers),
-                options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
-                # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
-                maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-            ),
+            loop.run(_aio_server(settings)),
             Pipeline(CallObserver(metrics), Authenticator(policy, service.record_denial)),
         )
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
@@ -146,8 +145,9 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
             if metrics and serves_metrics and settings.metrics_listen
             else None
         )
-        server.start()
+        loop.run(server.start())
     except BaseException:
+        loop.stop()
         if service is not None:
             service.close()
         if probe is not None:
@@ -163,6 +163,7 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         probe.start(lambda serving: _report_database(health_servicer, serving))
     running = KmsServer(
         server,
+        loop,
         port,
         health_servicer,
         engine,
@@ -177,6 +178,19 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
     if settings.health_listen:
         running.health_server = _start_health_server(settings.health_listen, health_servicer)
     return running
+
+
+async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
+    """The grpc.aio server, made on the loop it will run on."""
+    return grpc.aio.server(
+        # Where grpc itself runs a synchronous handler (health's Watch: a thread per stream).
+        migration_thread_pool=futures.ThreadPoolExecutor(
+            max_workers=settings.max_workers, thread_name_prefix="kms-grpc-sync"
+        ),
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+    )
 
 
 def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
@@ -211,7 +225,7 @@ def active_versions(engine: Engine) -> list[tuple[str, int]]:
     return [(str(name), int(version or 0)) for name, version in rows]
 
 
-def _bind(server: grpc.Server, settings: ServerSettings) -> tuple[int, ReloadableTls | None]:
+def _bind(server: grpc.aio.Server, settings: ServerSettings) -> tuple[int, ReloadableTls | None]:
     tls = None
     try:
         if settings.uses_tls:

@@ -1,18 +1,23 @@
 """Group commit: concurrent calls share one transaction, so one commit (one fsync) serves many.
 
-Worker threads submit requests and block; a single committer thread takes
-everything queued, runs it as one batch, commits, and only then wakes the
-submitters. Nothing is acknowledged before it is durable, and while one batch
-commits the next one gathers by itself, so there is no timer to tune.
+Callers submit requests and wait; a single committer thread takes everything
+queued, runs it as one batch, commits, and only then wakes the submitters.
+Nothing is acknowledged before it is durable, and while one batch commits the
+next one gathers by itself, so there is no timer to tune.
+
+A thread waits with `submit`; a coroutine on an event loop awaits `submit_async`,
+and the committer wakes each loop once per batch, not once per call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 R = TypeVar("R")
 
@@ -20,12 +25,15 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 
+# What a submitter waits on: a lock the committer releases, or a future it resolves.
+_Waiter: TypeAlias = "threading.Lock | asyncio.Future[None]"
+
 
 class GroupCommitter(Generic[R]):
     def __init__(self, run_batch: Callable[[Sequence[R]], None], *, max_batch: int = 256) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[R, threading.Lock] | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[R, _Waiter] | object] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
         self._thread.start()
 
@@ -36,6 +44,16 @@ class GroupCommitter(Generic[R]):
         done.acquire()
         self._queue.put((request, done))
         done.acquire()
+
+    async def submit_async(self, request: R) -> None:
+        """As `submit`, for a coroutine: the event loop serves other calls meanwhile.
+
+        A caller that goes away (a cancelled call) does not take its request out of the
+        batch: it commits all the same, as a thread's would.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._queue.put((request, done))
+        await done
 
     def stop(self) -> None:
         self._queue.put(_STOP)
@@ -57,7 +75,7 @@ class GroupCommitter(Generic[R]):
                     stopping = True
                     break
                 batch.append(item)
-            entries: list[tuple[R, threading.Lock]] = batch  # type: ignore[assignment]
+            entries: list[tuple[R, _Waiter]] = batch  # type: ignore[assignment]
             try:
                 self._run_batch([request for request, _ in entries])
             except Exception:
@@ -66,7 +84,24 @@ class GroupCommitter(Generic[R]):
                 log.exception("a group-commit batch raised")
             finally:
                 # run_batch records each request's outcome on the request itself.
-                for _, done in entries:
-                    done.release()
+                _wake([waiter for _, waiter in entries])
             if stopping:
                 return
+
+
+def _wake(waiters: list[_Waiter]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for waiter in waiters:
+        if isinstance(waiter, asyncio.Future):
+            by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+        else:
+            waiter.release()
+    for loop, futures in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, futures)
+
+
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled call's future is done already
+            future.set_result(None)

@@ -13,6 +13,7 @@ once it has committed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
@@ -235,29 +236,32 @@ class KeyManagementService:
         return self._run(caller.name, Action.ROTATE, audit, work, audit_on_success=False)
 
     def get_active_key(self, caller: Principal, key_name: str, backup_id: str) -> DataKey:
-        request = _DataKeyRequest(caller.name, Action.ISSUE_DATA_KEY, backup_id, key_name)
+        return self._in_next_batch(*_issue_request(caller, key_name, backup_id))
 
-        def check() -> None:
-            _require(caller, Role.BACKUP)
-            model.check_key_name(key_name)
-            model.check_backup_id(backup_id)
-
-        return self._in_next_batch(request, check)
+    async def get_active_key_async(
+        self, caller: Principal, key_name: str, backup_id: str
+    ) -> DataKey:
+        """`get_active_key` for a coroutine: awaits its batch without holding a thread."""
+        return await self._in_next_batch_async(*_issue_request(caller, key_name, backup_id))
 
     def resolve_key_for_backup(
         self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
     ) -> DataKey:
-        request = _DataKeyRequest(caller.name, Action.RESOLVE_DATA_KEY, backup_id, "", recovery)
-
-        def check() -> None:
-            _require(caller, Role.RESTORE)
-            model.check_backup_id(backup_id)
-
         try:
-            return self._in_next_batch(request, check)
+            return self._in_next_batch(*_resolve_request(caller, backup_id, recovery))
         except _NeedsRecovery:
             assert recovery is not None
             return self._recover(caller, backup_id, recovery)
+
+    async def resolve_key_for_backup_async(
+        self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
+    ) -> DataKey:
+        """`resolve_key_for_backup` for a coroutine; a recovery (rare) runs on a thread."""
+        try:
+            return await self._in_next_batch_async(*_resolve_request(caller, backup_id, recovery))
+        except _NeedsRecovery:
+            assert recovery is not None
+            return await asyncio.to_thread(self._recover, caller, backup_id, recovery)
 
     def _recover(self, caller: Principal, backup_id: str, recovery: BackupKeyReference) -> DataKey:
         """ResolveKeyForBackup when the database has no binding for the backup (rare: unbatched)."""
@@ -534,15 +538,26 @@ class KeyManagementService:
         try:
             check()
         except KmsError as error:
-            audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
-            self._audit_denial(request.actor, request.action, audit, error)
+            self._audit_refusal(request, error)
             raise
         self._committer.submit(request)
-        if request.outcome is None:
-            raise RuntimeError("the group committer returned no outcome")
-        if isinstance(request.outcome, BaseException):
-            raise request.outcome
-        return request.outcome
+        return _outcome(request)
+
+    async def _in_next_batch_async(
+        self, request: _DataKeyRequest, check: Callable[[], None]
+    ) -> DataKey:
+        try:
+            check()
+        except KmsError as error:
+            # Its own transaction: on a thread, so the event loop serves other calls meanwhile.
+            await asyncio.to_thread(self._audit_refusal, request, error)
+            raise
+        await self._committer.submit_async(request)
+        return _outcome(request)
+
+    def _audit_refusal(self, request: _DataKeyRequest, error: KmsError) -> None:
+        audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
+        self._audit_denial(request.actor, request.action, audit, error)
 
     def _run_data_key_batch(self, requests: Sequence[_DataKeyRequest]) -> None:
         """One transaction for a batch of GetActiveKey / ResolveKeyForBackup calls.
@@ -831,6 +846,41 @@ class _DataKeyRequest:
     recovery: BackupKeyReference | None = None
     # Set by the batch: the data key, or the error to raise in the caller's thread.
     outcome: DataKey | BaseException | None = None
+
+
+def _issue_request(
+    caller: Principal, key_name: str, backup_id: str
+) -> tuple[_DataKeyRequest, Callable[[], None]]:
+    """A GetActiveKey call's request for the batch, and the checks it must pass first."""
+
+    def check() -> None:
+        _require(caller, Role.BACKUP)
+        model.check_key_name(key_name)
+        model.check_backup_id(backup_id)
+
+    return _DataKeyRequest(caller.name, Action.ISSUE_DATA_KEY, backup_id, key_name), check
+
+
+def _resolve_request(
+    caller: Principal, backup_id: str, recovery: BackupKeyReference | None
+) -> tuple[_DataKeyRequest, Callable[[], None]]:
+    """A ResolveKeyForBackup call's request for the batch, and the checks it must pass first."""
+
+    def check() -> None:
+        _require(caller, Role.RESTORE)
+        model.check_backup_id(backup_id)
+
+    request = _DataKeyRequest(caller.name, Action.RESOLVE_DATA_KEY, backup_id, "", recovery)
+    return request, check
+
+
+def _outcome(request: _DataKeyRequest) -> DataKey:
+    """What the batch decided for the request: its data key, or the error it raises."""
+    if request.outcome is None:
+        raise RuntimeError("the group committer returned no outcome")
+    if isinstance(request.outcome, BaseException):
+        raise request.outcome
+    return request.outcome
 
 
 class _NeedsRecovery(Exception):

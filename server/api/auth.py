@@ -7,13 +7,14 @@ refused here for its credentials is audited through `record_denial`.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from server.api.errors import abort
+from server.api.errors import aborted
 from server.api.observability import CURRENT_CALL, Behaviour
 from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import ANONYMOUS, Action, Principal
@@ -45,28 +46,28 @@ class Authenticator:
         """`behaviour` run as the authenticated caller (CURRENT_PRINCIPAL) or an audited refusal."""
         authenticate, record_denial = self._authenticate, self._record_denial
 
-        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
+        async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 principal = authenticate(context)
             except KmsError as error:
                 try:
-                    record_denial(ANONYMOUS, action, error)
+                    # A transaction of its own: on a thread, not on the event loop.
+                    await asyncio.to_thread(record_denial, ANONYMOUS, action, error)
                 except KmsError as audit_error:
-                    abort(context, audit_error)
-                abort(context, error)
-                raise AssertionError("abort returned") from None
+                    raise aborted(audit_error) from None
+                raise aborted(error) from None
             call = CURRENT_CALL.get(None)
             if call is not None:
                 call.actor = principal.name  # for the call's log line
             token = CURRENT_PRINCIPAL.set(principal)
             try:
-                return behaviour(request, context)
+                return await behaviour(request, context)
             finally:
                 CURRENT_PRINCIPAL.reset(token)
 
         return authenticated
 
-    def _authenticate(self, context: grpc.ServicerContext) -> Principal:
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         policy = self._policy.policy
         metadata = context.invocation_metadata() or ()
         tokens = [value for key, value in metadata if key == "authorization"]

@@ -18,7 +18,7 @@ import re
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.api.errors import CallAborted
 from server.crypto import random_bytes
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class CallInfo:
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("kms_call")
 
-# What a unary method handler runs: (request, context) -> response.
-Behaviour = Callable[[Any, grpc.ServicerContext], Any]
+# What a unary method handler runs on grpc.aio: (request, context) -> awaitable response.
+Behaviour = Callable[[Any, "grpc.aio.ServicerContext[Any, Any]"], Awaitable[Any]]
 
 
 class Metrics:
@@ -160,37 +161,42 @@ class CallObserver:
         """`behaviour` observed: whatever it returns or raises, the call is counted and logged."""
         finish = self._finish
 
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call = CallInfo(method, _request_id(context.invocation_metadata() or ()))
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             token = CURRENT_CALL.set(call)
             started = time.perf_counter()
             failure: BaseException | None = None
+            refusal: CallAborted | None = None
             try:
-                return behaviour(request, context)
+                return await behaviour(request, context)
+            except CallAborted as raised:
+                refusal = raised
+                _take_status(context, refusal)
             except BaseException as error:
                 failure = error
                 raise
             finally:
                 CURRENT_CALL.reset(token)
                 finish(call, context, started, failure)
+            # Counted and logged: now the client may learn the outcome.
+            await context.abort(refusal.code, refusal.details, context.trailing_metadata())
 
         return observed
 
     def _finish(
         self,
         call: CallInfo,
-        context: grpc.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
         started: float,
         failure: BaseException | None,
     ) -> None:
         seconds = time.perf_counter() - started
-        code = context.code()  # type: ignore[attr-defined]
+        code = context.code()
         if not isinstance(code, grpc.StatusCode):
             # Nothing set a status: a return is OK, an escaped exception becomes UNKNOWN.
             code = grpc.StatusCode.OK if failure is None else grpc.StatusCode.UNKNOWN
-        trailing = tuple(context.trailing_metadata() or ())
-        reason = _reason(trailing)
-        context.set_trailing_metadata((*trailing, (REQUEST_ID_HEADER, call.request_id)))
+        reason = _reason(context.trailing_metadata() or ())
         if self._metrics is not None:
             self._metrics.observe(call.method, code, reason, seconds)
         if failure is not None and code == grpc.StatusCode.UNKNOWN:
@@ -222,6 +228,13 @@ class CallObserver:
             },
         )
         call_log.handle(record)
+
+
+def _take_status(context: grpc.aio.ServicerContext[Any, Any], refusal: CallAborted) -> None:
+    context.set_code(refusal.code)
+    context.set_details(refusal.details)
+    kept = tuple(context.trailing_metadata() or ())
+    context.set_trailing_metadata((*kept, *refusal.trailing_metadata))
 
 
 def _request_id(metadata: Iterable[tuple[str, Any]]) -> str:

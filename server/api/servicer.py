@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
 from server.api.auth import CURRENT_PRINCIPAL
-from server.api.errors import abort
+from server.api.errors import abort, aborted
 from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import (
     AuditEvent,
@@ -79,12 +79,17 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             audit_sequence=rotation.audit_sequence,
         )
 
-    def GetActiveKey(
-        self, request: kms_pb2.GetActiveKeyRequest, context: grpc.ServicerContext
+    # The two calls backups make all day are coroutines: they wait for their group commit
+    # on the event loop instead of holding a thread each (server/api/pipeline.py).
+
+    async def GetActiveKey(
+        self,
+        request: kms_pb2.GetActiveKeyRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> kms_pb2.GetActiveKeyResponse:
-        key = _call(
+        key = await _call_async(
             context,
-            lambda caller: self._service.get_active_key(
+            lambda caller: self._service.get_active_key_async(
                 caller, request.key_name, request.backup_id
             ),
         )
@@ -96,8 +101,10 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             wrapped_data_key=key.wrapped,
         )
 
-    def ResolveKeyForBackup(
-        self, request: kms_pb2.ResolveKeyForBackupRequest, context: grpc.ServicerContext
+    async def ResolveKeyForBackup(
+        self,
+        request: kms_pb2.ResolveKeyForBackupRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> kms_pb2.ResolveKeyForBackupResponse:
         recovery = None
         if request.HasField("recovery"):
@@ -106,9 +113,9 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
                 request.recovery.version,
                 request.recovery.wrapped_data_key,
             )
-        key = _call(
+        key = await _call_async(
             context,
-            lambda caller: self._service.resolve_key_for_backup(
+            lambda caller: self._service.resolve_key_for_backup_async(
                 caller, request.backup_id, recovery
             ),
         )
@@ -219,17 +226,36 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
 def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> T:
     """Runs a use case as the authenticated caller; domain errors end the call with their status."""
     try:
-        caller = CURRENT_PRINCIPAL.get(None)
-        if caller is None:
-            # Mounted without authentication (server.api.pipeline): refuse, never run anonymously.
-            log.error("a call reached the servicer without an authenticated caller")
-            raise Unauthenticated("NO_AUTHENTICATED_CALLER", "this call is not authenticated")
-        return use_case(caller)
+        return use_case(_caller())
     except KmsError as error:
-        if error.status_name == "DATA_LOSS":
-            log.error("integrity failure: %s (%s)", error.message, error.reason)
+        _log_integrity_failure(error)
         abort(context, error)
         raise AssertionError("abort returned") from None
+
+
+async def _call_async(
+    context: grpc.aio.ServicerContext[Any, Any], use_case: Callable[[Principal], Awaitable[T]]
+) -> T:
+    """`_call` for a coroutine use case."""
+    try:
+        return await use_case(_caller())
+    except KmsError as error:
+        _log_integrity_failure(error)
+        raise aborted(error) from None
+
+
+def _caller() -> Principal:
+    caller = CURRENT_PRINCIPAL.get(None)
+    if caller is None:
+        # Mounted without authentication (server.api.pipeline): refuse, never run anonymously.
+        log.error("a call reached the servicer without an authenticated caller")
+        raise Unauthenticated("NO_AUTHENTICATED_CALLER", "this call is not authenticated")
+    return caller
+
+
+def _log_integrity_failure(error: KmsError) -> None:
+    if error.status_name == "DATA_LOSS":
+        log.error("integrity failure: %s (%s)", error.message, error.reason)
 
 
 def _timestamp(us: int) -> Timestamp:

@@ -1,5 +1,6 @@
-"""The call pipeline on a bare grpc server (no database): deny by default, public services,
-authentication with its audited refusals, the request id and one log line per call."""
+"""The call pipeline on a bare grpc.aio server (no database): deny by default, public services,
+authentication with its audited refusals, the request id and one log line per call; blocking
+and coroutine methods alike."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from server.api.auth import CURRENT_PRINCIPAL, Authenticator, PolicyHolder
+from server.api.errors import abort
 from server.api.observability import CallObserver
 from server.api.pipeline import Pipeline, PipelineServer
-from server.domain.errors import KmsError, Unavailable
+from server.domain.errors import KmsError, NotFound, Unavailable
 from server.domain.model import Action
+from server.event_loop import EventLoopThread
 from server.policy import Policy, hash_token
 
 TOKEN = "pipeline-test-token-0123456789"
@@ -46,7 +49,20 @@ class Served:
 
 
 def _caller_name(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return CURRENT_PRINCIPAL.get().name.encode()  # on a worker thread
+
+
+async def _caller_name_on_loop(request: bytes, context: object) -> bytes:
     return CURRENT_PRINCIPAL.get().name.encode()
+
+
+def _refuse_blocking(request: bytes, context: grpc.ServicerContext) -> bytes:
+    abort(context, NotFound("KEY_NOT_FOUND", "no such key"))
+    raise AssertionError("abort returned")
+
+
+async def _new_server() -> grpc.aio.Server:
+    return grpc.aio.server(migration_thread_pool=futures.ThreadPoolExecutor(max_workers=2))
 
 
 @pytest.fixture
@@ -54,7 +70,8 @@ def served() -> Iterator[Served]:
     policy = Policy.parse(
         {"principals": {"agent": {"roles": ["backup"], "token_sha256": [hash_token(TOKEN)]}}}
     )
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    loop = EventLoopThread(blocking_workers=4)
+    grpc_server = loop.run(_new_server())
     channel: grpc.Channel | None = None
     served: Served | None = None
 
@@ -73,6 +90,8 @@ def served() -> Iterator[Served]:
         "kms.v1.KeyManagementService",
         {
             "GetActiveKey": unary,  # listed and unary: served
+            "ResolveKeyForBackup": grpc.unary_unary_rpc_method_handler(_caller_name_on_loop),
+            "GetKeyVersion": grpc.unary_unary_rpc_method_handler(_refuse_blocking),
             "ListKeys": grpc.unary_stream_rpc_method_handler(lambda r, c: iter([b""])),
             "Unlisted": unary,  # one of ours but not in ACTION_BY_METHOD
         },
@@ -83,14 +102,15 @@ def served() -> Iterator[Served]:
     )
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
     port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    loop.run(server.start())
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     served = Served(channel)
     try:
         yield served
     finally:
         channel.close()
-        server.stop(None).wait()
+        loop.run(server.stop(None))
+        loop.stop()
 
 
 def _reason(call: grpc.Call) -> str:
@@ -123,6 +143,38 @@ def test_a_listed_unary_method_runs_as_the_authenticated_principal(
         "req-7",
     )
     assert served.denials == []
+
+
+def test_a_coroutine_method_runs_on_the_loop_as_the_authenticated_principal(
+    served: Served,
+) -> None:
+    response, call = served.channel.unary_unary(f"{KMS}/ResolveKeyForBackup", None, None).with_call(
+        b"", metadata=(("authorization", f"Bearer {TOKEN}"),)
+    )
+    assert response == b"agent"
+    assert len(str(dict(call.trailing_metadata() or ())["x-request-id"])) == 32
+
+
+def test_a_blocking_method_that_aborts_keeps_its_status_details_and_the_request_id(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="kms.call"):
+        refused = served.refused(
+            f"{KMS}/GetKeyVersion",
+            (("authorization", f"Bearer {TOKEN}"), ("x-request-id", "req-9")),
+        )
+    assert (refused.code(), refused.details(), _reason(refused)) == (
+        grpc.StatusCode.NOT_FOUND,
+        "no such key",
+        "KEY_NOT_FOUND",
+    )
+    assert ("x-request-id", "req-9") in (refused.trailing_metadata() or ())
+    [line] = _call_lines(caplog)
+    assert (line["status"], line["reason"], line["actor"]) == (
+        "NOT_FOUND",
+        "KEY_NOT_FOUND",
+        "agent",
+    )
 
 
 @pytest.mark.parametrize(
