@@ -5,8 +5,8 @@ queued, runs it as one batch, commits, and only then wakes the submitters.
 Nothing is acknowledged before it is durable, and while one batch commits the
 next one gathers by itself, so there is no timer to tune.
 
-A thread waits with `submit`; a coroutine on an event loop awaits `submit_async`,
-and the committer wakes each loop once per batch, not once per call.
+Submitters are coroutines on event loops: the committer wakes each loop once per
+batch, not once per call.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, TypeVar
 
 R = TypeVar("R")
 
@@ -25,31 +25,22 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 
-# What a submitter waits on: a lock the committer releases, or a future it resolves.
-_Waiter: TypeAlias = "threading.Lock | asyncio.Future[None]"
-
 
 class GroupCommitter(Generic[R]):
     def __init__(self, run_batch: Callable[[Sequence[R]], None], *, max_batch: int = 256) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[R, _Waiter] | object] = queue.SimpleQueue()
+        # A request and the future its submitter awaits, or _STOP.
+        self._queue: queue.SimpleQueue[tuple[R, asyncio.Future[None]] | object]
+        self._queue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="group-commit", daemon=True)
         self._thread.start()
 
-    def submit(self, request: R) -> None:
-        """Runs the request in the next batch and returns once that batch has committed."""
-        # A lock taken here and released by the committer: a fraction of an Event's cost.
-        done = threading.Lock()
-        done.acquire()
-        self._queue.put((request, done))
-        done.acquire()
+    async def submit(self, request: R) -> None:
+        """Runs the request in the next batch and returns once that batch has committed.
 
-    async def submit_async(self, request: R) -> None:
-        """As `submit`, for a coroutine: the event loop serves other calls meanwhile.
-
-        A caller that goes away (a cancelled call) does not take its request out of the
-        batch: it commits all the same, as a thread's would.
+        The event loop serves other calls meanwhile. A caller that goes away (a cancelled
+        call) does not take its request out of the batch: it commits all the same.
         """
         done = asyncio.get_running_loop().create_future()
         self._queue.put((request, done))
@@ -75,7 +66,7 @@ class GroupCommitter(Generic[R]):
                     stopping = True
                     break
                 batch.append(item)
-            entries: list[tuple[R, _Waiter]] = batch  # type: ignore[assignment]
+            entries: list[tuple[R, asyncio.Future[None]]] = batch  # type: ignore[assignment]
             try:
                 self._run_batch([request for request, _ in entries])
             except Exception:
@@ -89,13 +80,10 @@ class GroupCommitter(Generic[R]):
                 return
 
 
-def _wake(waiters: list[_Waiter]) -> None:
+def _wake(waiters: list[asyncio.Future[None]]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for waiter in waiters:
-        if isinstance(waiter, asyncio.Future):
-            by_loop.setdefault(waiter.get_loop(), []).append(waiter)
-        else:
-            waiter.release()
+        by_loop.setdefault(waiter.get_loop(), []).append(waiter)
     for loop, futures in by_loop.items():
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(_resolve, futures)

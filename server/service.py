@@ -235,30 +235,16 @@ class KeyManagementService:
 
         return self._run(caller.name, Action.ROTATE, audit, work, audit_on_success=False)
 
-    def get_active_key(self, caller: Principal, key_name: str, backup_id: str) -> DataKey:
-        return self._in_next_batch(*_issue_request(caller, key_name, backup_id))
+    async def get_active_key(self, caller: Principal, key_name: str, backup_id: str) -> DataKey:
+        """A coroutine: it awaits its batch's commit without holding a thread."""
+        return await self._in_next_batch(*_issue_request(caller, key_name, backup_id))
 
-    async def get_active_key_async(
-        self, caller: Principal, key_name: str, backup_id: str
-    ) -> DataKey:
-        """`get_active_key` for a coroutine: awaits its batch without holding a thread."""
-        return await self._in_next_batch_async(*_issue_request(caller, key_name, backup_id))
-
-    def resolve_key_for_backup(
+    async def resolve_key_for_backup(
         self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
     ) -> DataKey:
+        """A coroutine, as `get_active_key`; a recovery (rare) runs on a thread."""
         try:
-            return self._in_next_batch(*_resolve_request(caller, backup_id, recovery))
-        except _NeedsRecovery:
-            assert recovery is not None
-            return self._recover(caller, backup_id, recovery)
-
-    async def resolve_key_for_backup_async(
-        self, caller: Principal, backup_id: str, recovery: BackupKeyReference | None
-    ) -> DataKey:
-        """`resolve_key_for_backup` for a coroutine; a recovery (rare) runs on a thread."""
-        try:
-            return await self._in_next_batch_async(*_resolve_request(caller, backup_id, recovery))
+            return await self._in_next_batch(*_resolve_request(caller, backup_id, recovery))
         except _NeedsRecovery:
             assert recovery is not None
             return await asyncio.to_thread(self._recover, caller, backup_id, recovery)
@@ -533,26 +519,15 @@ class KeyManagementService:
             backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
         )
 
-    def _in_next_batch(self, request: _DataKeyRequest, check: Callable[[], None]) -> DataKey:
+    async def _in_next_batch(self, request: _DataKeyRequest, check: Callable[[], None]) -> DataKey:
         """Checks the caller and the input here, then lets the group committer do the rest."""
-        try:
-            check()
-        except KmsError as error:
-            self._audit_refusal(request, error)
-            raise
-        self._committer.submit(request)
-        return _outcome(request)
-
-    async def _in_next_batch_async(
-        self, request: _DataKeyRequest, check: Callable[[], None]
-    ) -> DataKey:
         try:
             check()
         except KmsError as error:
             # Its own transaction: on a thread, so the event loop serves other calls meanwhile.
             await asyncio.to_thread(self._audit_refusal, request, error)
             raise
-        await self._committer.submit_async(request)
+        await self._committer.submit(request)
         return _outcome(request)
 
     def _audit_refusal(self, request: _DataKeyRequest, error: KmsError) -> None:

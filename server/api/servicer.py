@@ -87,9 +87,9 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         request: kms_pb2.GetActiveKeyRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> kms_pb2.GetActiveKeyResponse:
-        key = await _call_async(
+        key = await _call_coroutine(
             context,
-            lambda caller: self._service.get_active_key_async(
+            lambda caller: self._service.get_active_key(
                 caller, request.key_name, request.backup_id
             ),
         )
@@ -113,9 +113,9 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
                 request.recovery.version,
                 request.recovery.wrapped_data_key,
             )
-        key = await _call_async(
+        key = await _call_coroutine(
             context,
-            lambda caller: self._service.resolve_key_for_backup_async(
+            lambda caller: self._service.resolve_key_for_backup(
                 caller, request.backup_id, recovery
             ),
         )
@@ -233,7 +233,7 @@ def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> 
         raise AssertionError("abort returned") from None
 
 
-async def _call_async(
+async def _call_coroutine(
     context: grpc.aio.ServicerContext[Any, Any], use_case: Callable[[Principal], Awaitable[T]]
 ) -> T:
     """`_call` for a coroutine use case."""

@@ -3,10 +3,10 @@ batch wakes its callers and the next calls still run."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 from server.group_commit import GroupCommitter
 
@@ -37,12 +37,20 @@ class Recorder:
                 self.running -= 1
 
 
+def submit_all(committer: GroupCommitter[list[int]], requests: list[list[int]]) -> None:
+    """Every request from its own coroutine, all in flight at once, as the server's calls are."""
+
+    async def all_in_flight() -> None:
+        await asyncio.gather(*(committer.submit(request) for request in requests))
+
+    asyncio.run(all_in_flight())
+
+
 def test_concurrent_calls_share_batches_that_never_overlap() -> None:
     recorder = Recorder(seconds=0.002)
     committer: GroupCommitter[list[int]] = GroupCommitter(recorder.run)
     requests = [[n] for n in range(400)]
-    with ThreadPoolExecutor(max_workers=32) as pool:
-        list(pool.map(committer.submit, requests))
+    submit_all(committer, requests)
     committer.stop()
     assert sorted(n for batch in recorder.batches for n in batch) == list(range(400))
     assert all(len(request) == 2 for request in requests), "every call returned after its batch"
@@ -53,8 +61,7 @@ def test_concurrent_calls_share_batches_that_never_overlap() -> None:
 def test_batches_are_capped() -> None:
     recorder = Recorder(seconds=0.005)
     committer: GroupCommitter[list[int]] = GroupCommitter(recorder.run, max_batch=4)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        list(pool.map(committer.submit, [[n] for n in range(64)]))
+    submit_all(committer, [[n] for n in range(64)])
     committer.stop()
     assert max(len(batch) for batch in recorder.batches) <= 4
     assert sum(len(batch) for batch in recorder.batches) == 64
@@ -64,10 +71,9 @@ def test_a_failing_batch_wakes_its_callers_and_later_calls_still_run() -> None:
     recorder = Recorder(seconds=0.002, fail_on=0)
     committer: GroupCommitter[list[int]] = GroupCommitter(recorder.run)
     failed = [0]
-    committer.submit(failed)  # the committer survives; the call finds no outcome on its request
+    submit_all(committer, [failed])  # the committer survives; the call finds no outcome
     assert failed == [0]
     requests = [[n] for n in range(1, 50)]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(committer.submit, requests))
+    submit_all(committer, requests)
     committer.stop()
     assert sorted(n for batch in recorder.batches for n in batch) == list(range(1, 50))
