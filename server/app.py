@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from kms.v1 import kms_pb2, kms_pb2_grpc
 from server.api.auth import Authenticator, PolicyHolder
 from server.api.methods import SERVICE_NAME
-from server.api.observability import CallObserver, Metrics
+from server.api.observability import CallLog, CallObserver, Metrics
 from server.api.pipeline import Pipeline, PipelineServer
 from server.api.servicer import KeyManagementServicer
 from server.config import ServerSettings
@@ -99,7 +99,11 @@ def open_database(settings: ServerSettings, *, upgrade: bool) -> Engine:
     return engine
 
 
-def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> KmsServer:
+def create_server(
+    settings: ServerSettings, *, upgrade_schema: bool = False, call_lines: CallLog | None = None
+) -> KmsServer:
+    """The server, started. `call_lines`: where each call's log line goes (default: a record
+    of the `kms.call` logger)."""
     root_key = RootKey.load(settings.root_key_file)
     policy = PolicyHolder(Policy.load(settings.policy_file))
     engine = open_database(settings, upgrade=upgrade_schema)
@@ -122,7 +126,9 @@ def create_server(settings: ServerSettings, *, upgrade_schema: bool = False) -> 
         # the final status of every call), then authentication (server/api/pipeline.py).
         server = PipelineServer(
             loop.run(_aio_server(settings)),
-            Pipeline(CallObserver(metrics), Authenticator(policy, service.record_denial)),
+            Pipeline(
+                CallObserver(metrics, call_lines), Authenticator(policy, service.record_denial)
+            ),
         )
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
             KeyManagementServicer(service), server

@@ -10,7 +10,13 @@ import sys
 from collections.abc import Sequence
 
 from server import config, devmode, workers
-from server.api.observability import CallQueueHandler, JsonFormatter, LogWriter
+from server.api.observability import (
+    CallLog,
+    CallQueueHandler,
+    JsonCallLog,
+    JsonFormatter,
+    LogWriter,
+)
 from server.app import StartupError, create_server, open_database
 from server.crypto import RootKeyError
 from server.policy import PolicyError
@@ -36,18 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Migrating serves nothing, so the listening and TLS checks do not apply.
             parsed.insecure, parsed.listen = True, "127.0.0.1:0"
         settings = config.load(parsed, os.environ)
-        _configure_logging(settings)
+        call_lines = _configure_logging(settings)
         if command == "migrate":
             open_database(settings, upgrade=True).dispose()
             print("the database schema is up to date")
             return 0
-        return _serve(settings, args)
+        return _serve(settings, args, call_lines)
     except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
         print(f"kms-server: {error}", file=sys.stderr)
         return 2
 
 
-def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
+def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: CallLog | None) -> int:
     # The SQLite file, its journal and dev-mode files hold wrapped key material: owner only.
     os.umask(0o077)
     supervised = settings.process_index is not None
@@ -59,7 +65,9 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
             print(f"dev mode: {path.name} token in {path}", flush=True)
     if settings.processes > 1 and not supervised:
         return workers.supervise(settings, argv)
-    running = create_server(settings, upgrade_schema=settings.upgrades_own_schema)
+    running = create_server(
+        settings, upgrade_schema=settings.upgrades_own_schema, call_lines=call_lines
+    )
     address = settings.address(running.port)
     log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
     if not supervised:  # the supervisor says it once, for all its processes
@@ -88,7 +96,9 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     return 0
 
 
-def _configure_logging(settings: config.ServerSettings) -> None:
+def _configure_logging(settings: config.ServerSettings) -> CallLog | None:
+    """Logging to stderr through one writer thread; returns where call lines go (None: the
+    `kms.call` logger, as for every other record)."""
     handler = logging.StreamHandler()
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
@@ -100,6 +110,8 @@ def _configure_logging(settings: config.ServerSettings) -> None:
     writer.start()
     atexit.register(writer.stop)  # writes what is still queued before the process ends
     logging.basicConfig(level=settings.log_level, handlers=[CallQueueHandler(writer.records)])
+    # JSON call lines are built directly, as JsonFormatter would write them (the cheap way).
+    return JsonCallLog(writer) if settings.log_format == "json" else None
 
 
 if __name__ == "__main__":

@@ -7,11 +7,15 @@ import json
 import logging
 import time
 
+import pytest
+
 from server.api.observability import (
     CURRENT_CALL,
     CallInfo,
     CallQueueHandler,
+    JsonCallLog,
     JsonFormatter,
+    LoggingCallLog,
     LogWriter,
 )
 
@@ -101,3 +105,36 @@ def test_json_time_is_utc_with_milliseconds_across_seconds() -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
         expected = f"{stamp}.{int(record.msecs):03d}Z"
         assert json.loads(formatter.format(record))["time"] == expected
+
+
+def test_a_json_call_line_is_what_the_formatter_makes_of_the_call_record(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """kms-server writes call lines directly (JsonCallLog); they must read as the logging
+    path's (LoggingCallLog, then JsonFormatter) do, key for key and in the same order."""
+    call = CallInfo("/kms.v1.KeyManagementService/GetActiveKey", "req-7", actor="backup-1")
+    facts = ("PERMISSION_DENIED", "ROLE_REQUIRED", 0.0123456, "ipv4:127.0.0.1:5000")
+    with caplog.at_level(logging.INFO, logger="kms.call"):
+        LoggingCallLog().write(call, *facts)
+    (record,) = [r for r in caplog.records if r.name == "kms.call"]
+    expected = json.loads(JsonFormatter().format(record))
+
+    output = io.StringIO()
+    writer = _writer(output)
+    writer.start()
+    JsonCallLog(writer).write(call, *facts)
+    writer.stop()
+    (line,) = output.getvalue().splitlines()
+    written = json.loads(line)
+
+    assert list(written) == list(expected)
+    assert {k: v for k, v in written.items() if k != "time"} == {
+        k: v for k, v in expected.items() if k != "time"
+    }
+    assert written["duration_ms"] == 12.346 and written["request_id"] == "req-7"
+    assert abs(_epoch(written["time"]) - _epoch(expected["time"])) < 5
+
+
+def _epoch(stamp: str) -> float:
+    whole, _, millis = stamp.rstrip("Z").partition(".")
+    return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
