@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -40,12 +41,43 @@ def process_cpu_seconds(pid: int) -> float:
     return total / CLOCK_TICKS
 
 
-def _children_stat_paths(pid: int) -> list[str]:
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time per thread name (/proc/PID/task/*/comm; kms-server names its
+    threads, see server/thread_names.py) over the process and its live children. Numbered
+    threads of one pool ("kms-blocking_3") count as one name."""
+    totals: dict[str, float] = {}
+    for process in [pid, *_children(pid)]:
+        try:
+            tasks = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{process}/task/{task}/comm") as comm:
+                    name = _POOL_SUFFIX.sub("", comm.read().strip())
+                with open(f"/proc/{process}/task/{task}/stat", "rb") as stat:
+                    text = stat.read().decode()
+            except OSError:
+                continue  # the thread ended in between
+            fields = text[text.rindex(")") + 2 :].split()
+            ticks = int(fields[11]) + int(fields[12])
+            totals[name] = totals.get(name, 0.0) + ticks / CLOCK_TICKS
+    return totals
+
+
+_POOL_SUFFIX = re.compile(r"_\d+$")
+
+
+def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as children:
-            return [f"/proc/{child}/stat" for child in children.read().split()]
+            return [int(child) for child in children.read().split()]
     except OSError:
         return []
+
+
+def _children_stat_paths(pid: int) -> list[str]:
+    return [f"/proc/{child}/stat" for child in _children(pid)]
 
 
 def own_cpu_seconds() -> float:
@@ -73,12 +105,14 @@ class LoadResult:
     client_cpu_seconds: float
     issued: int = 0
     first_error: str = ""
+    # Server CPU seconds per thread name over the window (thread_cpu_seconds).
+    server_threads_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
         return self.calls / self.seconds if self.seconds else 0.0
 
-    def summary(self) -> dict[str, float | int | str]:
+    def summary(self) -> dict[str, Any]:
         calls = max(self.calls, 1)
         return {
             "in_flight": self.in_flight,
@@ -93,6 +127,13 @@ class LoadResult:
             "client_cpu_us_per_call": round(self.client_cpu_seconds / calls * 1e6, 1),
             "client_cpu_cores": round(self.client_cpu_seconds / self.seconds, 2),
             "first_error": self.first_error,
+            "server_cpu_us_per_call_by_thread": {
+                name: round(seconds / calls * 1e6, 1)
+                for name, seconds in sorted(
+                    self.server_threads_cpu_seconds.items(), key=lambda item: -item[1]
+                )
+                if seconds > 0
+            },
         }
 
 
@@ -177,11 +218,13 @@ async def _closed_loop(
         until = time.perf_counter() + warmup
         await asyncio.gather(*(caller(until, False) for _ in range(in_flight)))
     server_before = process_cpu_seconds(server_pid)
+    threads_before = thread_cpu_seconds(server_pid)
     client_before = own_cpu_seconds()
     started = time.perf_counter()
     await asyncio.gather(*(caller(started + duration, True) for _ in range(in_flight)))
     seconds = time.perf_counter() - started
     server_cpu = process_cpu_seconds(server_pid) - server_before
+    threads_after = thread_cpu_seconds(server_pid)
     client_cpu = own_cpu_seconds() - client_before
     return LoadResult(
         in_flight=in_flight,
@@ -193,4 +236,7 @@ async def _closed_loop(
         client_cpu_seconds=client_cpu,
         issued=issued[0],
         first_error=first_error[0],
+        server_threads_cpu_seconds={
+            name: after - threads_before.get(name, 0.0) for name, after in threads_after.items()
+        },
     )

@@ -355,6 +355,10 @@ class Bench:
             f"server {summary['server_cpu_us_per_call']} us/call  errors {summary['errors']}",
             flush=True,
         )
+        if in_flight == CONCURRENT:
+            by_thread = summary["server_cpu_us_per_call_by_thread"]
+            shares = ", ".join(f"{name} {us:.0f}" for name, us in list(by_thread.items())[:6])
+            print(f"      server us/call by thread: {shares}", flush=True)
         return summary
 
     def load_pair(self, label: str, make: CallFactory, pid: int) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from server.event_loop import EventLoopThread
 from server.policy import Policy
 from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
 from server.service import KeyManagementService
+from server.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,9 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
     return grpc.aio.server(
         # Where grpc itself runs a synchronous handler (health's Watch: a thread per stream).
         migration_thread_pool=futures.ThreadPoolExecutor(
-            max_workers=settings.max_workers, thread_name_prefix="kms-grpc-sync"
+            max_workers=settings.max_workers,
+            thread_name_prefix="kms-grpc-sync",
+            initializer=name_os_thread,
         ),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
         # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.

@@ -13,6 +13,8 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from server.thread_names import name_os_thread
+
 T = TypeVar("T")
 
 
@@ -21,12 +23,17 @@ class EventLoopThread:
         self.loop = asyncio.new_event_loop()
         # asyncio.to_thread runs here: the use cases that block on the database.
         self.loop.set_default_executor(
-            ThreadPoolExecutor(max_workers=blocking_workers, thread_name_prefix="kms-blocking")
+            ThreadPoolExecutor(
+                max_workers=blocking_workers,
+                thread_name_prefix="kms-blocking",
+                initializer=name_os_thread,
+            )
         )
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
+        name_os_thread()
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 

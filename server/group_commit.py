@@ -19,6 +19,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
+from server.thread_names import name_os_thread
+
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class GroupCommitter(Generic[R]):
         self._thread.join()
 
     def _loop(self) -> None:
+        name_os_thread()
         while True:
             first = self._queue.get()
             if first is _STOP:

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from server.api.errors import CallAborted
 from server.crypto import random_bytes
+from server.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 call_log = logging.getLogger("kms.call")
@@ -425,6 +426,7 @@ class LogWriter:
             self._thread.join()
 
     def _run(self) -> None:
+        name_os_thread()
         while True:
             batch, stopping = self._drain()
             if batch:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from sqlalchemy import exc as sa_exc
 
 from server.db.engine import make_engine
+from server.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class DatabaseProbe:
         return True
 
     def _loop(self) -> None:
+        name_os_thread()
         while not self._stopping.is_set():
             serving = self.probe()
             if self._stopping.is_set():
