@@ -27,7 +27,7 @@ from server.event_loop import EventLoopThread
 from server.policy import Policy
 from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
 from server.service import KeyManagementService
-from server.thread_names import name_os_thread
+from server.thread_names import name_grpc_poller, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def create_server(
             else None
         )
         loop.run(server.start())
+        name_grpc_poller()  # started by grpc.aio from the loop's thread, named after it
     except BaseException:
         loop.stop()
         if service is not None:

@@ -11,8 +11,11 @@ import pytest
 
 from server.event_loop import EventLoopThread
 from server.thread_names import name_os_thread
+from tests.conftest import start_kms
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="/proc/PID/task is Linux's"
+)
 
 
 def _os_name(native_id: int) -> str:
@@ -46,3 +49,13 @@ def test_the_event_loop_and_its_blocking_workers_are_named() -> None:
         assert loop.run(names()) == ("kms-event-loop", "kms-blocking_0")
     finally:
         loop.stop()
+
+
+def test_grpc_aios_poller_is_told_apart_from_the_event_loop(tmp_path: Path) -> None:
+    kms = start_kms(tmp_path)
+    try:
+        pollers = [t for t in threading.enumerate() if "_poll_wrapper" in t.name]
+        assert pollers, "grpc.aio runs a poller thread"
+        assert all(_os_name(t.native_id or 0) == "grpc-poller" for t in pollers)
+    finally:
+        kms.close()
