@@ -29,16 +29,8 @@ CallFactory = Callable[[int], Awaitable[Any]]
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and of its live children (a server started with
     several processes), from /proc/PID/stat (fields 14 and 15)."""
-    total = 0
-    for stat_path in [f"/proc/{pid}/stat", *_children_stat_paths(pid)]:
-        try:
-            with open(stat_path, "rb") as stat:
-                text = stat.read().decode()
-        except OSError:
-            continue  # exited in between
-        fields = text[text.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+    paths = [f"/proc/{process}/stat" for process in [pid, *_children(pid)]]
+    return sum(_cpu_ticks(path) for path in paths) / CLOCK_TICKS
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
@@ -55,14 +47,22 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
             try:
                 with open(f"/proc/{process}/task/{task}/comm") as comm:
                     name = _POOL_SUFFIX.sub("", comm.read().strip())
-                with open(f"/proc/{process}/task/{task}/stat", "rb") as stat:
-                    text = stat.read().decode()
             except OSError:
                 continue  # the thread ended in between
-            fields = text[text.rindex(")") + 2 :].split()
-            ticks = int(fields[11]) + int(fields[12])
+            ticks = _cpu_ticks(f"/proc/{process}/task/{task}/stat")
             totals[name] = totals.get(name, 0.0) + ticks / CLOCK_TICKS
     return totals
+
+
+def _cpu_ticks(stat_path: str) -> int:
+    """utime + stime (fields 14 and 15) of a /proc stat file; 0 if it is gone."""
+    try:
+        with open(stat_path, "rb") as stat:
+            text = stat.read().decode()
+    except OSError:
+        return 0  # exited in between
+    fields = text[text.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
 
 
 _POOL_SUFFIX = re.compile(r"_\d+$")
@@ -74,10 +74,6 @@ def _children(pid: int) -> list[int]:
             return [int(child) for child in children.read().split()]
     except OSError:
         return []
-
-
-def _children_stat_paths(pid: int) -> list[str]:
-    return [f"/proc/{child}/stat" for child in _children(pid)]
 
 
 def own_cpu_seconds() -> float:

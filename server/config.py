@@ -76,7 +76,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--tls-cert", "KMS_TLS_CERT", "server certificate chain (PEM)"),
     ("--tls-key", "KMS_TLS_KEY", "server private key (PEM)"),
     ("--tls-client-ca", "KMS_TLS_CLIENT_CA", "CA bundle for client certificates (mutual TLS)"),
-    ("--max-workers", "KMS_MAX_WORKERS", "threads serving calls, per process (default 16)"),
+    (
+        "--max-workers",
+        "KMS_MAX_WORKERS",
+        "threads for the calls that block on the database, all but GetActiveKey and "
+        "ResolveKeyForBackup, per process (default 16)",
+    ),
     (
         "--processes",
         "KMS_PROCESSES",
