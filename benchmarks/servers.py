@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -87,6 +88,34 @@ class KmsProcess(Process):
 
     def token_file(self, role: str) -> Path:
         return self.data_dir / "tokens" / role
+
+    def log_offset(self) -> int:
+        """Where the server's log ends now; `handler_seconds` reads what is written after."""
+        return self.log_path.stat().st_size
+
+    def handler_seconds(self, since: int, method: str) -> list[float]:
+        """The server's own time for each `method` call logged after `since`.
+
+        Each call's log line carries `duration_ms`: from the call entering the pipeline to
+        its answer being ready (authentication, the use case and its group commit), without
+        grpc's receive, dispatch and send. The writer thread lingers up to 10 ms, so the
+        caller waits a little after its last call before reading.
+        """
+        with open(self.log_path, "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        suffix = f"/{method}"
+        seconds = []
+        for line in text.splitlines():
+            if '"duration_ms"' not in line:
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line of something else
+            if str(entry.get("method", "")).endswith(suffix):
+                seconds.append(float(entry["duration_ms"]) / 1000)
+        return seconds
 
 
 def start_kms(data_dir: Path, database_url: str = "", processes: int = 1) -> KmsProcess:
