@@ -33,6 +33,7 @@ from benchmarks.servers import (
     start_kms,
 )
 from kms.v1 import kms_pb2, kms_pb2_grpc
+from server.api.observability import LogWriter
 
 CONCURRENT = 64
 CONNECTIONS = 16
@@ -41,8 +42,8 @@ CLIENT_MODEL = (
     "round-robin over --connections channels (one TCP connection each); the same client "
     "drives echo and kms-server"
 )
-# How long to wait after a phase for kms-server's log writer (10 ms linger) to write its lines.
-LOG_LINGER_SECONDS = 0.1
+# How long to wait after a phase for kms-server's log writer to have written its lines.
+LOG_LINGER_SECONDS = 10 * LogWriter.LINGER_SECONDS
 BENCH_KEY = "bench"
 ROTATE_KEY = "bench-rotate"
 

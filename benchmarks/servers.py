@@ -98,8 +98,8 @@ class KmsProcess(Process):
 
         Each call's log line carries `duration_ms`: from the call entering the pipeline to
         its answer being ready (authentication, the use case and its group commit), without
-        grpc's receive, dispatch and send. The writer thread lingers up to 10 ms, so the
-        caller waits a little after its last call before reading.
+        grpc's receive, dispatch and send. The log writer lingers between writes
+        (`LogWriter.LINGER_SECONDS`), so the caller waits a little after its last call.
         """
         with open(self.log_path, "rb") as log:
             log.seek(since)
