@@ -17,6 +17,7 @@ from server.api.methods import SERVICE_NAME
 from server.api.observability import CallLog, CallObserver, Metrics
 from server.api.pipeline import Pipeline, PipelineServer
 from server.api.servicer import KeyManagementServicer
+from server.audit_file import AuditFile, AuditSinkError
 from server.config import ServerSettings
 from server.crypto import RootKey
 from server.db import migrate
@@ -56,15 +57,18 @@ class KmsServer:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     service: KeyManagementService | None = None
+    audit_file: AuditFile | None = None
 
     def reload(self) -> bool:
-        """Reloads the policy file and the TLS certificates (SIGHUP); True if all of it worked.
+        """Reloads the policy file and the TLS certificates and reopens the audit file (SIGHUP);
+        True if all of it worked.
 
         Whatever fails to load is logged and left as it was: the server keeps serving.
         """
         policy_ok = reload_policy(self.policy, self.settings.policy_file)
         tls_ok = reload_tls(self.tls) if self.tls is not None else True
-        return policy_ok and tls_ok
+        audit_ok = self.audit_file.reopen() if self.audit_file is not None else True
+        return policy_ok and tls_ok and audit_ok
 
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Reports NOT_SERVING first, then lets in-flight calls finish within the grace period."""
@@ -79,6 +83,8 @@ class KmsServer:
             self.health_server.stop(0).wait()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.audit_file is not None:
+            self.audit_file.close()
         self.engine.dispose()
 
 
@@ -113,12 +119,19 @@ def create_server(
     probe = None if embedded else DatabaseProbe(settings.database_url)
     metrics: Metrics | None = None  # bound before anything below can fail
     service: KeyManagementService | None = None
+    audit_file: AuditFile | None = None
     loop = EventLoopThread(blocking_workers=settings.max_workers)
     try:
+        try:
+            audit_file = AuditFile(settings.audit_file) if settings.audit_file else None
+        except AuditSinkError as error:
+            raise StartupError(f"--audit-file: {error}") from None
         service = KeyManagementService(
             engine,
             root_key,
             on_unavailable=probe.check_now if probe is not None else None,
+            audit_sink=audit_file,
+            material_cache_seconds=settings.material_cache_seconds,
         )
         service.check_root_key()
         if settings.metrics_listen:
@@ -162,6 +175,8 @@ def create_server(
             probe.stop()
         if metrics is not None:
             metrics.stop()
+        if audit_file is not None:
+            audit_file.close()
         engine.dispose()
         raise
     for name in ("", SERVICE_NAME):
@@ -182,6 +197,7 @@ def create_server(
         metrics=metrics,
         metrics_port=metrics_port,
         service=service,
+        audit_file=audit_file,
     )
     if settings.health_listen:
         running.health_server = _start_health_server(settings.health_listen, health_servicer)

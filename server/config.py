@@ -45,6 +45,8 @@ class ServerSettings:
     processes: int = 1
     # Set (internally) in each process a `--processes` supervisor starts.
     process_index: int | None = None
+    audit_file: Path | None = None
+    material_cache_seconds: int = 60
 
     @property
     def uses_tls(self) -> bool:
@@ -112,6 +114,17 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "host:port serving Prometheus metrics over HTTP (default: off)",
     ),
     ("--log-format", "KMS_LOG_FORMAT", "json (one object per line, the default) or text"),
+    (
+        "--audit-file",
+        "KMS_AUDIT_FILE",
+        "also append every audit event to this file as a JSON line, fsynced before the reply; "
+        "calls fail closed when it cannot be written; SIGHUP reopens it (default: off)",
+    ),
+    (
+        "--material-cache-seconds",
+        "KMS_MATERIAL_CACHE_SECONDS",
+        "how long unwrapped version material may stay in memory, 0 to 60 (default 60)",
+    ),
 ]
 _FLAGS = [
     ("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
@@ -196,6 +209,10 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         log_format=(value("--log-format", "KMS_LOG_FORMAT") or "json").lower(),
         processes=processes,
         process_index=int(index_text) if index_text and index_text.isdigit() else None,
+        audit_file=path("--audit-file", "KMS_AUDIT_FILE"),
+        material_cache_seconds=_cache_seconds(
+            value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
+        ),
     )
     if settings.log_format not in ("json", "text"):
         raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")
@@ -210,6 +227,17 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         raise ConfigError("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
     check_transport(settings)
     return settings
+
+
+def _cache_seconds(raw: str | None) -> int:
+    if raw is None:
+        return 60
+    if not raw.isascii() or not raw.isdigit() or int(raw) > 60:
+        raise ConfigError(
+            "--material-cache-seconds / KMS_MATERIAL_CACHE_SECONDS must be a whole number "
+            f"from 0 to 60, not {raw!r}"
+        )
+    return int(raw)
 
 
 def listen_host(listen: str) -> str:

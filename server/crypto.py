@@ -21,6 +21,7 @@ from server.domain.model import KEY_MATERIAL_BYTES
 
 BLOB_FORMAT = b"\x01"
 NONCE_BYTES = 12
+TAG_BYTES = 16
 _ROOT_CHECK_AAD = b"kms.v1/root-key-check"
 
 
@@ -77,15 +78,13 @@ def random_bytes(count: int) -> bytes:
     return _RANDOM.take(count)
 
 
-def _seal(key: bytes, plaintext: bytes, associated_data: bytes) -> bytes:
+def _seal(key: bytes | bytearray, plaintext: bytes | bytearray, associated_data: bytes) -> bytes:
     nonce = random_bytes(NONCE_BYTES)
     return BLOB_FORMAT + nonce + AESGCM(key).encrypt(nonce, plaintext, associated_data)
 
 
-def _open(key: bytes, blob: bytes, associated_data: bytes, what: str) -> bytes:
-    if len(blob) < 1 + NONCE_BYTES + 16 or blob[:1] != BLOB_FORMAT:
-        raise IntegrityFailure("WRAPPED_BLOB_MALFORMED", f"{what} is malformed")
-    nonce, sealed = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
+def _open(key: bytes | bytearray, blob: bytes, associated_data: bytes, what: str) -> bytes:
+    nonce, sealed = _split(blob, what)
     try:
         return AESGCM(key).decrypt(nonce, sealed, associated_data)
     except InvalidTag:
@@ -94,8 +93,48 @@ def _open(key: bytes, blob: bytes, associated_data: bytes, what: str) -> bytes:
         ) from None
 
 
+def _open_into_buffer(
+    key: bytes | bytearray, blob: bytes, associated_data: bytes, what: str
+) -> bytearray:
+    """As `_open`, but decrypts straight into a bytearray the caller can wipe: no `bytes`
+    copy of the plaintext is ever made."""
+    nonce, sealed = _split(blob, what)
+    plaintext = bytearray(len(sealed) - TAG_BYTES)
+    try:
+        AESGCM(key).decrypt_into(nonce, sealed, associated_data, plaintext)
+    except InvalidTag:
+        raise IntegrityFailure(
+            "WRAPPED_BLOB_INTEGRITY", f"{what} failed its integrity check"
+        ) from None
+    return plaintext
+
+
+def _split(blob: bytes, what: str) -> tuple[bytes, bytes]:
+    if len(blob) < 1 + NONCE_BYTES + TAG_BYTES or blob[:1] != BLOB_FORMAT:
+        raise IntegrityFailure("WRAPPED_BLOB_MALFORMED", f"{what} is malformed")
+    return blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
+
+
 def new_key_material() -> bytes:
     return random_bytes(KEY_MATERIAL_BYTES)
+
+
+def new_secret_buffer() -> bytearray:
+    """32 fresh bytes read straight into a buffer the caller owns and can zero (`wipe`).
+
+    Not from the pooled block of `random_bytes`: that block would keep a copy of the
+    secret in memory until it is used up.
+    """
+    buffer = bytearray(KEY_MATERIAL_BYTES)
+    with open("/dev/urandom", "rb", buffering=0) as source:
+        if source.readinto(buffer) != KEY_MATERIAL_BYTES:
+            raise OSError("short read from /dev/urandom")
+    return buffer
+
+
+def wipe(buffer: bytearray) -> None:
+    """Overwrites a secret in place (a bytearray is the one buffer Python lets us clear)."""
+    buffer[:] = bytes(len(buffer))
 
 
 class RootKey:
@@ -142,20 +181,36 @@ class RootKey:
             return False
         return True
 
-    def wrap_version_material(self, key_name: str, version: int, material: bytes) -> bytes:
+    def wrap_version_material(
+        self, key_name: str, version: int, material: bytes | bytearray
+    ) -> bytes:
         return _seal(self._material, material, _associated_data("version", key_name, version))
 
-    def unwrap_version_material(self, key_name: str, version: int, blob: bytes) -> bytes:
-        return _open(
+    def unwrap_version_material(self, key_name: str, version: int, blob: bytes) -> bytearray:
+        """Into a bytearray, so the material cache can wipe it when it lets it go."""
+        return _open_into_buffer(
             self._material,
             blob,
             _associated_data("version", key_name, version),
             f"the wrapped material of {key_name} version {version}",
         )
 
+    def wrap_server_secret(self, name: str, secret: bytes | bytearray) -> bytes:
+        """A server secret (audit MAC key, signing key, state key), bound to its name."""
+        return _seal(self._material, secret, _associated_data("server-secret", name))
+
+    def unwrap_server_secret(self, name: str, blob: bytes) -> bytearray:
+        return _open_into_buffer(
+            self._material, blob, _associated_data("server-secret", name), f"server secret {name}"
+        )
+
 
 def wrap_data_key(
-    version_material: bytes, backup_id: str, key_name: str, version: int, data_key: bytes
+    version_material: bytes | bytearray,
+    backup_id: str,
+    key_name: str,
+    version: int,
+    data_key: bytes,
 ) -> bytes:
     return _seal(
         version_material, data_key, _associated_data("data-key", backup_id, key_name, version)
@@ -163,7 +218,7 @@ def wrap_data_key(
 
 
 def unwrap_data_key(
-    version_material: bytes, backup_id: str, key_name: str, version: int, blob: bytes
+    version_material: bytes | bytearray, backup_id: str, key_name: str, version: int, blob: bytes
 ) -> bytes:
     return _open(
         version_material,

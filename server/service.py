@@ -14,6 +14,7 @@ once it has committed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -23,12 +24,23 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
 
-from server import crypto
+from server import crypto, server_keys
+from server.audit_file import AuditSinkError
 from server.db.driver import driver_transaction
-from server.db.engine import make_sessionmaker, read_snapshot_options
+from server.db.engine import make_sessionmaker, read_snapshot_options, truncate_sqlite_wal
 from server.db.models import BackupBindingRow, KeyRow, KeyVersionRow
-from server.db.repository import DataKeyStore, Repository, audit_event_from_row
+from server.db.repository import (
+    DataKeyStore,
+    Integrity,
+    MetaStore,
+    Repository,
+    VersionFacts,
+    audit_event_from_row,
+    sealed_key,
+    sealed_version,
+)
 from server.domain import model
 from server.domain.audit_chain import verify_chain
 from server.domain.errors import (
@@ -44,6 +56,7 @@ from server.domain.errors import (
 )
 from server.domain.model import (
     Action,
+    AuditCheckpoint,
     AuditEvent,
     AuditVerification,
     DataKey,
@@ -56,7 +69,10 @@ from server.domain.model import (
     VersionOrigin,
     VersionState,
 )
+from server.domain.state_replay import StateReplay, StoredRow
 from server.group_commit import GroupCommitter
+from server.material_cache import DEFAULT_MAX_AGE_SECONDS, MaterialCache
+from server.server_keys import AuditSink, ServerKeys
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +86,8 @@ MAX_ATTEMPTS = 5
 # What the database layer raises when it fails or cannot be reached. A pool
 # timeout (sqlalchemy.exc.TimeoutError) is not a DBAPIError but is an outage too.
 DATABASE_ERRORS = (sa_exc.DBAPIError, sa_exc.TimeoutError)
+# What writing an audit event can raise: the database's errors, and the audit file's.
+AUDIT_WRITE_ERRORS = (*DATABASE_ERRORS, AuditSinkError)
 
 
 def now_us() -> int:
@@ -105,33 +123,78 @@ class KeyManagementService:
         root_key: crypto.RootKey,
         *,
         on_unavailable: Callable[[], None] | None = None,
+        audit_sink: AuditSink | None = None,
+        material_cache_seconds: float = DEFAULT_MAX_AGE_SECONDS,
     ) -> None:
         self._engine = engine
         self._sessions = make_sessionmaker(engine)
         self._root_key = root_key
         # Told when a call fails because the database is unreachable (the health probe).
         self._on_unavailable = on_unavailable
-        self._materials: dict[tuple[str, int, bytes], bytes] = {}
+        self._audit_sink = audit_sink
+        self._keys: ServerKeys | None = None
+        self._integrity_parts: Integrity | None = None
+        self._materials = MaterialCache(material_cache_seconds)
+        self._materials.start_sweeping()
         self._committer = GroupCommitter(self._run_data_key_batch)
 
     def close(self) -> None:
-        """Stops the group committer once in-flight calls are done."""
+        """Stops the group committer once in-flight calls are done, then wipes cached material."""
         self._committer.stop()
+        self._materials.close()
 
     # Start-up
 
     def check_root_key(self) -> None:
-        """Records the root key's check value on first start; refuses a different root key later."""
-        with self._sessions.begin() as session:
-            repo = Repository(session)
-            stored = repo.get_meta(ROOT_KEY_CHECK)
-            if stored is None:
-                repo.set_meta(ROOT_KEY_CHECK, self._root_key.check_value())
-            elif not self._root_key.matches(stored):
+        """Records the root key's check value on first start and refuses a different root key
+        later; then unwraps the server's audit and state keys, making them on first start."""
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                with self._sessions.begin() as session:
+                    self._open_server_keys(session)
+                return
+            except sa_exc.IntegrityError:
+                # Another replica made the keys at the same moment: use its.
+                if attempt == MAX_ATTEMPTS:
+                    raise
+
+    def _open_server_keys(self, session: Session) -> None:
+        bootstrap = MetaStore(session)
+        stored = bootstrap.get_meta(ROOT_KEY_CHECK)
+        if stored is None:
+            bootstrap.set_meta(ROOT_KEY_CHECK, self._root_key.check_value())
+        elif not self._root_key.matches(stored):
+            raise crypto.RootKeyError(
+                "the root key does not match this database: it was initialised with a "
+                "different root key (check --root-key-file / KMS_ROOT_KEY_FILE)"
+            )
+        try:
+            keys = server_keys.load(bootstrap, self._root_key)
+        except server_keys.ServerKeysError as error:
+            raise crypto.RootKeyError(str(error)) from None
+        if keys is None:
+            if bootstrap.any_keyed_audit_event():
                 raise crypto.RootKeyError(
-                    "the root key does not match this database: it was initialised with a "
-                    "different root key (check --root-key-file / KMS_ROOT_KEY_FILE)"
+                    "the server's audit keys are missing from a database whose audit log is "
+                    "keyed: they were deleted; restore the database from a backup"
                 )
+            keys = server_keys.create(bootstrap, self._root_key, bootstrap.audit_head().sequence)
+            repo = Repository(session, keys.integrity(self._audit_sink))
+            server_keys.start_keyed_chain(repo, keys, now_us())
+        self._keys = keys
+        self._integrity_parts = keys.integrity(self._audit_sink)
+
+    @property
+    def _integrity(self) -> Integrity:
+        if self._integrity_parts is None:
+            raise RuntimeError("check_root_key() must run before the service is used")
+        return self._integrity_parts
+
+    @property
+    def server_keys(self) -> ServerKeys:
+        if self._keys is None:
+            raise RuntimeError("check_root_key() must run before the service is used")
+        return self._keys
 
     # Use cases
 
@@ -165,13 +228,19 @@ class KeyManagementService:
                     "RotateActive after registering it",
                 )
             origin = VersionOrigin.IMPORTED if imported_material else VersionOrigin.GENERATED
-            material = imported_material or crypto.new_key_material()
+            material = (
+                bytearray(imported_material) if imported_material else crypto.new_secret_buffer()
+            )
+            try:
+                wrapped = self._root_key.wrap_version_material(key_name, version, material)
+            finally:
+                crypto.wipe(material)
             row = KeyVersionRow(
                 key_name=key_name,
                 version=version,
                 state=VersionState.ENABLED,
                 origin=origin,
-                wrapped_material=self._root_key.wrap_version_material(key_name, version, material),
+                wrapped_material=wrapped,
                 created_us=created,
                 destroyed_us=None,
             )
@@ -350,9 +419,29 @@ class KeyManagementService:
             row.wrapped_material = None
             row.destroyed_us = now_us()
 
-        return self._change_version(
+        destroyed = self._change_version(
             caller, Action.DESTROY_VERSION, key_name, version, reason, change
         )
+        self._forget_destroyed(key_name, version)
+        return destroyed
+
+    def _forget_destroyed(self, key_name: str, version: int) -> None:
+        """After a destroy commits: no copy of the material in this process's cache, and on
+        SQLite none in the write-ahead log (other replicas' caches expire on their own)."""
+        self._materials.evict(key_name, version)
+        if self._engine.dialect.name == "sqlite":
+            try:
+                done = truncate_sqlite_wal(self._engine)
+            except DATABASE_ERRORS as error:
+                log.warning("could not truncate the SQLite WAL after a destroy: %s", error)
+                return
+            if not done:
+                log.warning(
+                    "the SQLite WAL could not be truncated after destroying %s version %d "
+                    "(readers kept it busy); it will be at the next checkpoint",
+                    key_name,
+                    version,
+                )
 
     def list_audit_events(
         self, caller: Principal, page_size: int, page_token: str, key_name: str
@@ -392,15 +481,77 @@ class KeyManagementService:
         return self._run(caller.name, Action.VERIFY_AUDIT, audit, lambda repo: result)
 
     def _verify_in_snapshot(self) -> AuditVerification:
+        """The chain with its MACs, then the stored state against what the log says."""
+        keys = self.server_keys
         try:
             with self._sessions() as session:
                 dialect = session.get_bind().dialect.name
                 session.connection(execution_options=read_snapshot_options(dialect))
-                repo = Repository(session)
-                head_sequence, head_hash = repo.audit_head()
-                return verify_chain(repo.iter_audit(), head_sequence, head_hash)
+                repo = Repository(session, self._integrity)
+                head = repo.audit_head()
+                replay = StateReplay()
+                chain = verify_chain(
+                    replay.watch(repo.iter_audit()), head, keys.audit, keys.keyed_from
+                )
+                if not chain.intact:
+                    return chain
+                key_rows, version_rows = repo.all_state()
+                stored_keys = [StoredRow(sealed_key(row), row.mac) for row in key_rows]
+                stored_versions = [StoredRow(sealed_version(row), row.mac) for row in version_rows]
+                problem = next(replay.problems(stored_keys, stored_versions, keys.state), "")
         except DATABASE_ERRORS as error:
             raise self._unavailable(error) from None
+        if problem:
+            return dataclasses.replace(chain, intact=False, problem=f"state: {problem}")
+        return chain
+
+    def audit_checkpoint(self, caller: Principal, sequence: int) -> AuditCheckpoint:
+        """The server's signature over an event's chain hash (the head's when `sequence` is 0),
+        given only after that event's (or the head's) MAC checks."""
+        audit = AuditContext(detail=f"event {sequence}" if sequence else "head")
+
+        def work(repo: Repository) -> AuditCheckpoint:
+            _require(caller, Role.AUDITOR)
+            if not 0 <= sequence <= model.MAX_SEQUENCE:
+                raise InvalidArgument("SEQUENCE_OUT_OF_RANGE", "sequence is out of range")
+            keys = self.server_keys
+            head = repo.audit_head()
+            if sequence == 0 or sequence == head.sequence:
+                if not keys.audit.head_ok(head.sequence, head.event_hash, head.mac):
+                    raise IntegrityFailure(
+                        "AUDIT_INTEGRITY",
+                        "the audit head fails its MAC check; run kmsctl audit verify",
+                    )
+                return keys.sign(head.sequence, head.event_hash, now_us())
+            event = repo.audit_event(sequence)
+            if event is None or sequence > head.sequence:
+                raise NotFound(
+                    "AUDIT_EVENT_NOT_FOUND",
+                    f"the audit log has no event {sequence}; it ends at event {head.sequence}",
+                )
+            if sequence < keys.keyed_from:
+                raise FailedPrecondition(
+                    "AUDIT_EVENT_NOT_KEYED",
+                    f"event {sequence} is older than the keyed chain, which starts at event "
+                    f"{keys.keyed_from}; checkpoint that event or a later one",
+                )
+            if not keys.audit.event_ok(event.sequence, event.event_hash, event.mac):
+                raise IntegrityFailure(
+                    "AUDIT_INTEGRITY",
+                    f"audit event {sequence} fails its MAC check; run kmsctl audit verify",
+                )
+            return keys.sign(event.sequence, event.event_hash, now_us())
+
+        return self._run(caller.name, Action.CHECKPOINT_AUDIT, audit, work)
+
+    def audit_public_key(self, caller: Principal) -> tuple[str, str]:
+        """The audit signing key's public half (PEM) and its key id."""
+
+        def work(repo: Repository) -> tuple[str, str]:
+            _require(caller, Role.AUDITOR)
+            return self.server_keys.public_key_pem(), self.server_keys.key_id
+
+        return self._run(caller.name, Action.READ_AUDIT_PUBLIC_KEY, AuditContext(), work)
 
     def record_denial(self, actor: str, action: Action, error: KmsError) -> None:
         """Audits a call refused before it reached a use case (for example unauthenticated)."""
@@ -435,7 +586,7 @@ class KeyManagementService:
 
         return self._run(caller.name, action, audit, work)
 
-    def _usable_material(self, repo: Repository, key_name: str, version: int) -> bytes:
+    def _usable_material(self, repo: Repository, key_name: str, version: int) -> bytearray:
         row = repo.get_version(key_name, version)
         if row is None:
             raise IntegrityFailure(
@@ -443,24 +594,17 @@ class KeyManagementService:
             )
         return self._material(row)
 
-    def _material(self, row: _VersionLike) -> bytes:
-        """A usable version's unwrapped material, from the cache when its wrapped blob is known.
-
-        The cache is keyed by the wrapped blob read in the caller's own transaction,
-        so a destroyed (blob erased) or disabled (state checked first) version is
-        never served from it, on this replica or any other.
-        """
+    def _material(self, row: _VersionLike) -> bytearray:
+        """A usable version's unwrapped material, from the cache when its wrapped blob is known
+        (see server.material_cache for why that is safe)."""
         _require_usable(row, f"{row.key_name} version {row.version} cannot be used")
         assert row.wrapped_material is not None
-        cache_key = (row.key_name, row.version, row.wrapped_material)
-        material = self._materials.get(cache_key)
+        material = self._materials.get(row.key_name, row.version, row.wrapped_material)
         if material is None:
             material = self._root_key.unwrap_version_material(
                 row.key_name, row.version, row.wrapped_material
             )
-            if len(self._materials) >= MATERIAL_CACHE_SIZE:
-                self._materials.clear()
-            self._materials[cache_key] = material
+            self._materials.put(row.key_name, row.version, row.wrapped_material, material)
         return material
 
     def _data_key_from_binding(self, repo: Repository, binding: BackupBindingRow) -> DataKey:
@@ -543,12 +687,12 @@ class KeyManagementService:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 with driver_transaction(self._engine) as statements:
-                    store = DataKeyStore(statements)
+                    store = DataKeyStore(statements, self._integrity)
                     bindings, events = self._decide_data_keys(store, requests)
                     store.add_bindings(bindings)
                     try:
                         store.append_audit_events(events)
-                    except DATABASE_ERRORS as error:
+                    except AUDIT_WRITE_ERRORS as error:
                         raise _AuditWriteFailed(error) from None
                 return
             except _AuditWriteFailed as failed:
@@ -573,20 +717,28 @@ class KeyManagementService:
         self, store: DataKeyStore, requests: Sequence[_DataKeyRequest]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Sets each request's outcome; returns the new binding rows and the audit events."""
-        versions: dict[tuple[str, int], _VersionLike] = {}
+        versions: dict[tuple[str, int], _Version] = {}
         bindings: dict[str, _Binding] = {}
         for row in store.bindings_by_backup_id({r.backup_id for r in requests}):
             bindings[row.backup_id] = _Binding(row.key_name, row.version, row.wrapped_data_key)
-            versions[(row.key_name, row.version)] = _Version(
-                row.key_name, row.version, row.state, row.wrapped_material
-            )
+            if (row.key_name, row.version) not in versions:
+                versions[(row.key_name, row.version)] = self._checked_version(
+                    row.key_name, row.version, row.facts
+                )
         issuing = {r.key_name for r in requests if r.action is Action.ISSUE_DATA_KEY}
-        actives: dict[str, int | None] = {}
+        # A key whose row fails its MAC maps to that failure: none of its calls is served.
+        actives: dict[str, int | IntegrityFailure | None] = {}
+        seal = self._integrity.state
         for active in store.active_versions(issuing) if issuing else ():
+            try:
+                seal.check(active.sealed(), active.mac)
+            except IntegrityFailure as failure:
+                actives[active.name] = failure
+                continue
             actives[active.name] = active.active_version
-            if active.active_version is not None and active.state is not None:
-                versions[(active.name, active.active_version)] = _Version(
-                    active.name, active.active_version, active.state, active.wrapped_material
+            if active.active_version is not None and active.facts is not None:
+                versions[(active.name, active.active_version)] = self._checked_version(
+                    active.name, active.active_version, active.facts
                 )
 
         new_bindings: list[dict[str, Any]] = []
@@ -622,12 +774,21 @@ class KeyManagementService:
             events.append(fields)
         return new_bindings, events
 
+    def _checked_version(self, key_name: str, version: int, facts: VersionFacts) -> _Version:
+        """The hot path's view of a version row, carrying its MAC check's failure if any."""
+        failure = None
+        try:
+            self._integrity.state.check(facts.sealed(key_name, version), facts.mac)
+        except IntegrityFailure as error:
+            failure = error
+        return _Version(key_name, version, facts.state, facts.wrapped_material, failure)
+
     def _issue(
         self,
         request: _DataKeyRequest,
         bindings: dict[str, _Binding],
-        actives: dict[str, int | None],
-        versions: Mapping[tuple[str, int], _VersionLike],
+        actives: dict[str, int | IntegrityFailure | None],
+        versions: Mapping[tuple[str, int], _Version],
         audit: AuditContext,
     ) -> DataKey:
         key_name, backup_id = request.key_name, request.backup_id
@@ -643,13 +804,18 @@ class KeyManagementService:
         if key_name not in actives:
             raise NotFound("KEY_NOT_FOUND", f"key {key_name} does not exist")
         version = actives[key_name]
+        if isinstance(version, IntegrityFailure):
+            raise version
         if version is None:
             raise FailedPrecondition(
                 "NO_ACTIVE_VERSION",
                 f"key {key_name} has no active version; activate one with RotateActive",
             )
         audit.version = version
-        material = self._material(versions[(key_name, version)])
+        active = versions[(key_name, version)]
+        if active.integrity_failure is not None:
+            raise active.integrity_failure
+        material = self._material(active)
         data_key = crypto.new_key_material()
         wrapped = crypto.wrap_data_key(material, backup_id, key_name, version, data_key)
         # Later requests of the same batch for this backup id see this binding.
@@ -660,7 +826,7 @@ class KeyManagementService:
         self,
         request: _DataKeyRequest,
         bindings: dict[str, _Binding],
-        versions: Mapping[tuple[str, int], _VersionLike],
+        versions: Mapping[tuple[str, int], _Version],
         audit: AuditContext,
     ) -> DataKey:
         binding = bindings.get(request.backup_id)
@@ -675,7 +841,7 @@ class KeyManagementService:
         self,
         backup_id: str,
         binding: _Binding,
-        versions: Mapping[tuple[str, int], _VersionLike],
+        versions: Mapping[tuple[str, int], _Version],
     ) -> DataKey:
         row = versions.get((binding.key_name, binding.version))
         if row is None:
@@ -683,6 +849,8 @@ class KeyManagementService:
                 "BINDING_WITHOUT_VERSION",
                 f"{binding.key_name} version {binding.version} is missing",
             )
+        if row.integrity_failure is not None:
+            raise row.integrity_failure
         data_key = crypto.unwrap_data_key(
             self._material(row),
             backup_id,
@@ -708,7 +876,7 @@ class KeyManagementService:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 with self._sessions.begin() as session:
-                    repo = Repository(session)
+                    repo = Repository(session, self._integrity)
                     result = work(repo)
                     if audit_on_success:
                         _append_audit(
@@ -720,6 +888,8 @@ class KeyManagementService:
                             status_code="OK",
                             **asdict(audit),
                         )
+                    # Each changed row names the event just appended, under its new MAC.
+                    repo.seal_changed_state()
                 return result
             except KmsError as error:
                 if error.audited:
@@ -744,7 +914,7 @@ class KeyManagementService:
         fields = _storable({**asdict(audit), "detail": error.message})
         try:
             with self._sessions.begin() as session:
-                Repository(session).append_audit(
+                Repository(session, self._integrity).append_audit(
                     time_us=now_us(),
                     actor=actor,
                     action=action,
@@ -752,13 +922,13 @@ class KeyManagementService:
                     status_code=error.status_name,
                     **fields,
                 )
-        except DATABASE_ERRORS as db_error:
+        except AUDIT_WRITE_ERRORS as db_error:
             # Fail closed: a denial we cannot record is reported as the outage it is.
             raise self._audit_unavailable(db_error) from None
 
-    def _audit_unavailable(self, error: sa_exc.SQLAlchemyError) -> Unavailable:
+    def _audit_unavailable(self, error: Exception) -> Unavailable:
         """An audit event could not be written, so the call it records was refused."""
-        if _is_outage(error):
+        if isinstance(error, sa_exc.SQLAlchemyError) and _is_outage(error):
             return self._unavailable(error)
         cause = error.orig if isinstance(error, sa_exc.DBAPIError) else error
         log.error(
@@ -777,9 +947,6 @@ class KeyManagementService:
         if self._on_unavailable is not None:
             self._on_unavailable()
         return Unavailable("DATABASE_UNAVAILABLE", "the key database is unavailable; retry later")
-
-
-MATERIAL_CACHE_SIZE = 4096  # unwrapped version materials kept in memory (32 bytes each)
 
 
 class _VersionLike(Protocol):
@@ -801,6 +968,7 @@ class _Version:
     version: int
     state: str
     wrapped_material: bytes | None
+    integrity_failure: IntegrityFailure | None = None  # the row failed its MAC check
 
 
 @dataclass(frozen=True)
@@ -895,9 +1063,10 @@ def _storable(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 class _AuditWriteFailed(Exception):
-    """The database refused an audit event (raised inside the transaction it belongs to)."""
+    """The database or the audit file refused an audit event (raised inside the transaction
+    it belongs to)."""
 
-    def __init__(self, cause: sa_exc.SQLAlchemyError) -> None:
+    def __init__(self, cause: Exception) -> None:
         super().__init__("audit write failed")
         self.cause = cause
 
@@ -905,7 +1074,7 @@ class _AuditWriteFailed(Exception):
 def _append_audit(repo: Repository, **fields: Any) -> int:
     try:
         return repo.append_audit(**fields)
-    except DATABASE_ERRORS as error:
+    except AUDIT_WRITE_ERRORS as error:
         raise _AuditWriteFailed(error) from None
 
 
@@ -991,7 +1160,7 @@ def _decode_name_token(page_token: str) -> str:
     return name
 
 
-def _is_transient(error: sa_exc.SQLAlchemyError) -> bool:
+def _is_transient(error: Exception) -> bool:
     if not isinstance(error, sa_exc.DBAPIError):
         return False  # a pool timeout has already waited long enough
     sqlstate = getattr(error.orig, "sqlstate", None)

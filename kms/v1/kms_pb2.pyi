@@ -835,6 +835,7 @@ class AuditEvent(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     PREVIOUS_HASH_FIELD_NUMBER: _builtins.int
     EVENT_HASH_FIELD_NUMBER: _builtins.int
+    MAC_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The position in the log: 1, 2, 3... without gaps."""
     actor: _builtins.str
@@ -863,6 +864,10 @@ class AuditEvent(_message.Message):
     """Hex SHA-256 of the previous event; 64 zeros for the first event."""
     event_hash: _builtins.str
     """Hex SHA-256 over `previous_hash` and this event's fields."""
+    mac: _builtins.str
+    """Hex HMAC-SHA256 of the event under the server's audit MAC key, which only the server
+    holds; empty for events written before the keyed chain began.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the event was recorded."""
@@ -885,10 +890,11 @@ class AuditEvent(_message.Message):
         detail: _builtins.str = ...,
         previous_hash: _builtins.str = ...,
         event_hash: _builtins.str = ...,
+        mac: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "backup_id", b"backup_id", "detail", b"detail", "event_hash", b"event_hash", "from_version", b"from_version", "key_name", b"key_name", "outcome", b"outcome", "previous_hash", b"previous_hash", "reason", b"reason", "sequence", b"sequence", "status_code", b"status_code", "time", b"time", "to_version", b"to_version", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "backup_id", b"backup_id", "detail", b"detail", "event_hash", b"event_hash", "from_version", b"from_version", "key_name", b"key_name", "mac", b"mac", "outcome", b"outcome", "previous_hash", b"previous_hash", "reason", b"reason", "sequence", b"sequence", "status_code", b"status_code", "time", b"time", "to_version", b"to_version", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +988,7 @@ class VerifyAuditLogResponse(_message.Message):
     FIRST_BROKEN_SEQUENCE_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     HEAD_HASH_FIELD_NUMBER: _builtins.int
+    KEYED_FROM_SEQUENCE_FIELD_NUMBER: _builtins.int
     intact: _builtins.bool
     """True when every link of the chain checks."""
     events_checked: _builtins.int
@@ -992,6 +999,10 @@ class VerifyAuditLogResponse(_message.Message):
     """What is wrong at the first broken link; empty when intact."""
     head_hash: _builtins.str
     """The hash of the last event, for anchoring elsewhere."""
+    keyed_from_sequence: _builtins.int
+    """The first event that carries a MAC: events before it were written before the
+    keyed chain began (by an older server) and are checked by their hashes only.
+    """
     def __init__(
         self,
         *,
@@ -1000,11 +1011,135 @@ class VerifyAuditLogResponse(_message.Message):
         first_broken_sequence: _builtins.int = ...,
         problem: _builtins.str = ...,
         head_hash: _builtins.str = ...,
+        keyed_from_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_checked", b"events_checked", "first_broken_sequence", b"first_broken_sequence", "head_hash", b"head_hash", "intact", b"intact", "problem", b"problem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_checked", b"events_checked", "first_broken_sequence", b"first_broken_sequence", "head_hash", b"head_hash", "intact", b"intact", "keyed_from_sequence", b"keyed_from_sequence", "problem", b"problem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyAuditLogResponse: _TypeAlias = VerifyAuditLogResponse  # noqa: Y015
+
+@_typing.final
+class AuditCheckpoint(_message.Message):
+    """The server's signature over an audit event's position and chain hash."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    CHAIN_HASH_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """The event's sequence number."""
+    chain_hash: _builtins.str
+    """The event's `event_hash`, which covers every event before it."""
+    key_id: _builtins.str
+    """Names the signing key: "ed25519:" and the start of the SHA-256 of its public key."""
+    signature: _builtins.bytes
+    """The Ed25519 signature over the canonical JSON
+    ["kms-audit-checkpoint/1", sequence, chain_hash, time in microseconds, key_id].
+    """
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the checkpoint was signed (microsecond precision)."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        chain_hash: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        key_id: _builtins.str = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_hash", b"chain_hash", "key_id", b"key_id", "sequence", b"sequence", "signature", b"signature", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditCheckpoint: _TypeAlias = AuditCheckpoint  # noqa: Y015
+
+@_typing.final
+class GetAuditCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Optional. The event to sign; 0 for the newest."""
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditCheckpointRequest: _TypeAlias = GetAuditCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoint(self) -> Global___AuditCheckpoint:
+        """The signed checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: Global___AuditCheckpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditCheckpointResponse: _TypeAlias = GetAuditCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class GetAuditPublicKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditPublicKeyRequest: _TypeAlias = GetAuditPublicKeyRequest  # noqa: Y015
+
+@_typing.final
+class GetAuditPublicKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    public_key_pem: _builtins.str
+    """The Ed25519 public key, PEM (SubjectPublicKeyInfo)."""
+    key_id: _builtins.str
+    """The key id that checkpoints signed with it carry."""
+    def __init__(
+        self,
+        *,
+        public_key_pem: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "public_key_pem", b"public_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAuditPublicKeyResponse: _TypeAlias = GetAuditPublicKeyResponse  # noqa: Y015

@@ -95,6 +95,16 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.VerifyAuditLogRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.VerifyAuditLogResponse.FromString,
                 _registered_method=True)
+        self.GetAuditCheckpoint = channel.unary_unary(
+                '/kms.v1.KeyManagementService/GetAuditCheckpoint',
+                request_serializer=kms_dot_v1_dot_kms__pb2.GetAuditCheckpointRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.GetAuditCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetAuditPublicKey = channel.unary_unary(
+                '/kms.v1.KeyManagementService/GetAuditPublicKey',
+                request_serializer=kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyManagementServiceServicer:
@@ -196,6 +206,24 @@ class KeyManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuditCheckpoint(self, request, context):
+        """Signs the chain hash of an audit event (the newest when none is named) with the
+        server's audit signing key, after checking that event's MAC. An auditor keeps the
+        checkpoint outside the database to prove later that the log still extends it.
+        Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAuditPublicKey(self, request, context):
+        """The public half of the audit signing key, to verify checkpoints and exports offline.
+        Role: auditor.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyManagementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -258,6 +286,16 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.VerifyAuditLog,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.VerifyAuditLogRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.VerifyAuditLogResponse.SerializeToString,
+            ),
+            'GetAuditCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditCheckpoint,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.GetAuditCheckpointRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.GetAuditCheckpointResponse.SerializeToString,
+            ),
+            'GetAuditPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuditPublicKey,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -585,6 +623,60 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/VerifyAuditLog',
             kms_dot_v1_dot_kms__pb2.VerifyAuditLogRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.VerifyAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/GetAuditCheckpoint',
+            kms_dot_v1_dot_kms__pb2.GetAuditCheckpointRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.GetAuditCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuditPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/GetAuditPublicKey',
+            kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.GetAuditPublicKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,16 @@ class KeyManagementServiceStub:
     """Recomputes the audit hash chain and reports the first broken link.
     Role: auditor.
     """
+    GetAuditCheckpoint: _grpc.UnaryUnaryMultiCallable[_kms_pb2.GetAuditCheckpointRequest, _kms_pb2.GetAuditCheckpointResponse]
+    """Signs the chain hash of an audit event (the newest when none is named) with the
+    server's audit signing key, after checking that event's MAC. An auditor keeps the
+    checkpoint outside the database to prove later that the log still extends it.
+    Role: auditor.
+    """
+    GetAuditPublicKey: _grpc.UnaryUnaryMultiCallable[_kms_pb2.GetAuditPublicKeyRequest, _kms_pb2.GetAuditPublicKeyResponse]
+    """The public half of the audit signing key, to verify checkpoints and exports offline.
+    Role: auditor.
+    """
 
 @_typing.type_check_only
 class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
@@ -131,6 +141,16 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     """Lists audit events in sequence order. Role: auditor."""
     VerifyAuditLog: _aio.UnaryUnaryMultiCallable[_kms_pb2.VerifyAuditLogRequest, _kms_pb2.VerifyAuditLogResponse]  # type: ignore[assignment]
     """Recomputes the audit hash chain and reports the first broken link.
+    Role: auditor.
+    """
+    GetAuditCheckpoint: _aio.UnaryUnaryMultiCallable[_kms_pb2.GetAuditCheckpointRequest, _kms_pb2.GetAuditCheckpointResponse]  # type: ignore[assignment]
+    """Signs the chain hash of an audit event (the newest when none is named) with the
+    server's audit signing key, after checking that event's MAC. An auditor keeps the
+    checkpoint outside the database to prove later that the log still extends it.
+    Role: auditor.
+    """
+    GetAuditPublicKey: _aio.UnaryUnaryMultiCallable[_kms_pb2.GetAuditPublicKeyRequest, _kms_pb2.GetAuditPublicKeyResponse]  # type: ignore[assignment]
+    """The public half of the audit signing key, to verify checkpoints and exports offline.
     Role: auditor.
     """
 
@@ -248,6 +268,28 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kms_pb2.VerifyAuditLogResponse, _abc.Awaitable[_kms_pb2.VerifyAuditLogResponse]]:
         """Recomputes the audit hash chain and reports the first broken link.
+        Role: auditor.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAuditCheckpoint(
+        self,
+        request: _kms_pb2.GetAuditCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.GetAuditCheckpointResponse, _abc.Awaitable[_kms_pb2.GetAuditCheckpointResponse]]:
+        """Signs the chain hash of an audit event (the newest when none is named) with the
+        server's audit signing key, after checking that event's MAC. An auditor keeps the
+        checkpoint outside the database to prove later that the log still extends it.
+        Role: auditor.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAuditPublicKey(
+        self,
+        request: _kms_pb2.GetAuditPublicKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.GetAuditPublicKeyResponse, _abc.Awaitable[_kms_pb2.GetAuditPublicKeyResponse]]:
+        """The public half of the audit signing key, to verify checkpoints and exports offline.
         Role: auditor.
         """
 

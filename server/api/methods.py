@@ -21,6 +21,8 @@ ACTION_BY_METHOD: dict[str, Action] = {
         "DestroyKeyVersion": Action.DESTROY_VERSION,
         "ListAuditEvents": Action.LIST_AUDIT,
         "VerifyAuditLog": Action.VERIFY_AUDIT,
+        "GetAuditCheckpoint": Action.CHECKPOINT_AUDIT,
+        "GetAuditPublicKey": Action.READ_AUDIT_PUBLIC_KEY,
     }.items()
 }
 

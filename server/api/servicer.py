@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -220,7 +221,30 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             first_broken_sequence=result.first_broken_sequence,
             problem=result.problem,
             head_hash=result.head_hash,
+            keyed_from_sequence=result.keyed_from_sequence,
         )
+
+    def GetAuditCheckpoint(
+        self, request: kms_pb2.GetAuditCheckpointRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.GetAuditCheckpointResponse:
+        checkpoint = _call(
+            context, lambda caller: self._service.audit_checkpoint(caller, request.sequence)
+        )
+        return kms_pb2.GetAuditCheckpointResponse(
+            checkpoint=kms_pb2.AuditCheckpoint(
+                sequence=checkpoint.sequence,
+                chain_hash=checkpoint.chain_hash,
+                time=_timestamp(checkpoint.time_us),
+                key_id=checkpoint.key_id,
+                signature=base64.b64decode(checkpoint.signature),
+            )
+        )
+
+    def GetAuditPublicKey(
+        self, request: kms_pb2.GetAuditPublicKeyRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.GetAuditPublicKeyResponse:
+        pem, key_id = _call(context, self._service.audit_public_key)
+        return kms_pb2.GetAuditPublicKeyResponse(public_key_pem=pem, key_id=key_id)
 
 
 def _call(context: grpc.ServicerContext, use_case: Callable[[Principal], T]) -> T:
@@ -295,4 +319,5 @@ def _audit_event(event: AuditEvent) -> kms_pb2.AuditEvent:
         detail=event.detail,
         previous_hash=event.previous_hash,
         event_hash=event.event_hash,
+        mac=event.mac or "",
     )

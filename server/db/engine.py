@@ -135,5 +135,24 @@ def take_write_turn(info: dict[Any, Any]) -> None:
             pause = min(pause * 2, 0.001)
 
 
+def truncate_sqlite_wal(engine: Engine, attempts: int = 20) -> bool:
+    """Copies the WAL into the database file and truncates it to zero bytes, so no frame
+    holding a destroyed version's material is left in `-wal` (secure_delete has already
+    zeroed it in the database pages). True once done; False if readers kept it busy."""
+    connection = engine.raw_connection()
+    try:
+        for attempt in range(attempts):
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            (busy, _log_frames, _checkpointed) = cursor.fetchone() or (1, 0, 0)
+            cursor.close()
+            if not busy:
+                return True
+            time.sleep(0.01 * (attempt + 1))
+        return False
+    finally:
+        connection.close()
+
+
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)

@@ -43,6 +43,10 @@ class KeyRow(Base):
     active_version: Mapped[int | None] = mapped_column(Integer)
     last_version: Mapped[int] = mapped_column(Integer)
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # The audit event that last changed the row, and the row's MAC under the state key
+    # (server.domain.integrity): NULL only in a database the keyed server has not opened yet.
+    state_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         ForeignKeyConstraint(
@@ -66,6 +70,8 @@ class KeyVersionRow(Base):
     wrapped_material: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_us: Mapped[int] = mapped_column(BigInteger)
     destroyed_us: Mapped[int | None] = mapped_column(BigInteger)
+    state_sequence: Mapped[int | None] = mapped_column(BigInteger)  # as on KeyRow
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint("state IN ('enabled', 'disabled', 'destroyed')", "state"),
@@ -117,6 +123,8 @@ class AuditEventRow(Base):
     detail: Mapped[str] = mapped_column(Text)
     previous_hash: Mapped[str] = mapped_column(String(64))
     event_hash: Mapped[str] = mapped_column(String(64))
+    # HMAC under the audit MAC key; NULL only for events older than the keyed chain.
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index(None, "key_name", "sequence"),)
 
@@ -129,6 +137,7 @@ class AuditHeadRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     sequence: Mapped[int] = mapped_column(BigInteger)
     event_hash: Mapped[str] = mapped_column(String(64))
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (CheckConstraint("id = 1", "single_row"),)
 

@@ -7,7 +7,8 @@ which holds the database's single write lock for the whole transaction.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, select
@@ -23,12 +24,54 @@ from server.db.models import (
     ServerMetaRow,
 )
 from server.domain.audit_chain import GENESIS_HASH, HASHED_FIELDS, event_hash
-from server.domain.model import AuditEvent
+from server.domain.integrity import AuditMac, SealedKey, SealedVersion, StateSeal
+from server.domain.model import AuditEvent, AuditHead
 
 
-class Repository:
+@dataclass(frozen=True)
+class Integrity:
+    """What every write of the log and of the state needs: the audit MAC, the state seal,
+    and the external audit sink (told each event before its transaction commits)."""
+
+    audit: AuditMac
+    state: StateSeal
+    sink: Callable[[Sequence[Mapping[str, Any]]], None] | None = None
+
+
+class MetaStore:
+    """Deployment facts and the audit head: all that start-up needs before the server's
+    keys are open (`server.server_keys`)."""
+
     def __init__(self, session: Session) -> None:
         self._session = session
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._session.get(ServerMetaRow, name)
+        return row.value if row else None
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        self._session.merge(ServerMetaRow(name=name, value=value))
+
+    def audit_head(self) -> AuditHead:
+        head = self._session.get(AuditHeadRow, 1)
+        if head is None:
+            return AuditHead(0, GENESIS_HASH, None)
+        return AuditHead(head.sequence, head.event_hash, head.mac)
+
+    def any_keyed_audit_event(self) -> bool:
+        query = select(AuditEventRow.sequence).where(AuditEventRow.mac.is_not(None)).limit(1)
+        return self._session.scalars(query).first() is not None
+
+
+class Repository(MetaStore):
+    """Every key and version row it returns has passed its MAC check (`Integrity.state`)."""
+
+    def __init__(self, session: Session, integrity: Integrity) -> None:
+        super().__init__(session)
+        self._integrity = integrity
+        self.last_audit_sequence = 0  # of the newest event this transaction appended
+        # Rows checked (or created) in this transaction: their later changes are ours.
+        self._trusted: set[KeyRow | KeyVersionRow] = set()
 
     # Keys and versions
 
@@ -36,12 +79,58 @@ class Repository:
         query = select(KeyRow).where(KeyRow.name == name)
         if for_update:
             query = query.with_for_update()
-        return self._session.scalars(query).one_or_none()
+        return self._checked_key(self._session.scalars(query).one_or_none())
+
+    def _checked_key(self, row: KeyRow | None) -> KeyRow | None:
+        if row is not None and row not in self._trusted:
+            self._integrity.state.check(sealed_key(row), row.mac)
+            self._trusted.add(row)
+        return row
+
+    def _checked_version(self, row: KeyVersionRow | None) -> KeyVersionRow | None:
+        if row is not None and row not in self._trusted:
+            self._integrity.state.check(sealed_version(row), row.mac)
+            self._trusted.add(row)
+        return row
+
+    def seal_changed_state(self) -> int:
+        """Re-MACs every key and version row this transaction created or changed, naming the
+        transaction's audit event as the one that last changed it; returns how many.
+
+        Called after the use case appended its event: a state change without one is a bug.
+        """
+        changed = [row for row in self._trusted if row.mac != self._mac_of(row)]
+        if changed and not self.last_audit_sequence:
+            raise RuntimeError("state changed without an audit event in the same transaction")
+        for row in changed:
+            row.state_sequence = self.last_audit_sequence
+            row.mac = self._mac_of(row)
+        self._session.flush()
+        return len(changed)
+
+    def _mac_of(self, row: KeyRow | KeyVersionRow) -> str:
+        seal = self._integrity.state
+        if isinstance(row, KeyRow):
+            return seal.key_mac(sealed_key(row))
+        return seal.version_mac(sealed_version(row))
+
+    def seal_all_state(self, sequence: int) -> tuple[int, int]:
+        """Seals every key and version row as last changed by event `sequence` (once, when the
+        state key is made); returns the counts."""
+        keys = list(self._session.scalars(select(KeyRow)))
+        versions = list(self._session.scalars(select(KeyVersionRow)))
+        rows: list[KeyRow | KeyVersionRow] = [*keys, *versions]
+        for row in rows:
+            row.state_sequence = sequence
+            row.mac = self._mac_of(row)
+        self._session.flush()
+        return len(keys), len(versions)
 
     def add_key(self, name: str, created_us: int) -> KeyRow:
         key = KeyRow(name=name, active_version=None, last_version=0, created_us=created_us)
         self._session.add(key)
         self._session.flush()
+        self._trusted.add(key)
         return key
 
     def list_keys(self, after_name: str, limit: int) -> list[tuple[KeyRow, int]]:
@@ -57,7 +146,11 @@ class Repository:
             .order_by(KeyRow.name)
             .limit(limit)
         ).all()
-        return [(row[0], int(row[1])) for row in rows]
+        return [(self._checked(row[0]), int(row[1])) for row in rows]
+
+    def _checked(self, row: KeyRow) -> KeyRow:
+        self._checked_key(row)
+        return row
 
     def get_version(
         self, key_name: str, version: int, *, for_update: bool = False
@@ -67,20 +160,30 @@ class Repository:
         )
         if for_update:
             query = query.with_for_update()
-        return self._session.scalars(query).one_or_none()
+        return self._checked_version(self._session.scalars(query).one_or_none())
 
     def add_version(self, row: KeyVersionRow) -> None:
         self._session.add(row)
         self._session.flush()
+        self._trusted.add(row)
 
     def list_versions(self, key_name: str) -> list[KeyVersionRow]:
-        return list(
+        rows = self._session.scalars(
+            select(KeyVersionRow)
+            .where(KeyVersionRow.key_name == key_name)
+            .order_by(KeyVersionRow.version)
+        )
+        return [row for row in rows if self._checked_version(row)]
+
+    def all_state(self) -> tuple[list[KeyRow], list[KeyVersionRow]]:
+        """Every key and version row, unchecked: for `VerifyAuditLog`, which reports each."""
+        keys = list(self._session.scalars(select(KeyRow).order_by(KeyRow.name)))
+        versions = list(
             self._session.scalars(
-                select(KeyVersionRow)
-                .where(KeyVersionRow.key_name == key_name)
-                .order_by(KeyVersionRow.version)
+                select(KeyVersionRow).order_by(KeyVersionRow.key_name, KeyVersionRow.version)
             )
         )
+        return keys, versions
 
     def flush(self) -> None:
         self._session.flush()
@@ -102,7 +205,11 @@ class Repository:
 
     def append_audit_events(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
         """Appends events after the current head (see `DataKeyStore.append_audit_events`)."""
-        return DataKeyStore(SessionStatements(self._session)).append_audit_events(events)
+        store = DataKeyStore(SessionStatements(self._session), self._integrity)
+        sequences = store.append_audit_events(events)
+        if sequences:
+            self.last_audit_sequence = sequences[-1]
+        return sequences
 
     def list_audit(self, after_sequence: int, limit: int, key_name: str) -> list[AuditEventRow]:
         query = select(AuditEventRow).where(AuditEventRow.sequence > after_sequence)
@@ -110,9 +217,9 @@ class Repository:
             query = query.where(AuditEventRow.key_name == key_name)
         return list(self._session.scalars(query.order_by(AuditEventRow.sequence).limit(limit)))
 
-    def audit_head(self) -> tuple[int, str]:
-        head = self._session.get(AuditHeadRow, 1)
-        return (head.sequence, head.event_hash) if head else (0, GENESIS_HASH)
+    def audit_event(self, sequence: int) -> AuditEvent | None:
+        row = self._session.get(AuditEventRow, sequence)
+        return audit_event_from_row(row) if row else None
 
     def iter_audit(self, batch_size: int = 1000) -> Iterator[AuditEvent]:
         result = self._session.execute(
@@ -123,15 +230,6 @@ class Repository:
         for row in result.scalars():
             yield audit_event_from_row(row)
 
-    # Deployment facts
-
-    def get_meta(self, name: str) -> bytes | None:
-        row = self._session.get(ServerMetaRow, name)
-        return row.value if row else None
-
-    def set_meta(self, name: str, value: bytes) -> None:
-        self._session.merge(ServerMetaRow(name=name, value=value))
-
 
 class DataKeyStore:
     """The data-key hot path: one statement per table for a whole batch of calls.
@@ -141,8 +239,9 @@ class DataKeyStore:
     Runs inside the caller's transaction; never commits.
     """
 
-    def __init__(self, statements: StatementRunner) -> None:
+    def __init__(self, statements: StatementRunner, integrity: Integrity) -> None:
         self._run = statements
+        self._integrity = integrity
         sql = _DRIVER_SQL.get(statements.dialect_name)
         if sql is None:
             sql = _DRIVER_SQL[statements.dialect_name] = _DriverSql(statements.dialect_name)
@@ -151,12 +250,12 @@ class DataKeyStore:
     def bindings_by_backup_id(self, backup_ids: Collection[str]) -> list[BoundVersionFacts]:
         """The bindings among these backup ids, each with its version's state and material."""
         rows = self._run.rows(self._sql.bindings_by_id(len(backup_ids)), tuple(backup_ids))
-        return [BoundVersionFacts(*row) for row in rows]
+        return [BoundVersionFacts.from_row(row) for row in rows]
 
     def active_versions(self, key_names: Collection[str]) -> list[ActiveVersionFacts]:
         """The keys among these names, each with its active version's state and material."""
         rows = self._run.rows(self._sql.active_versions(len(key_names)), tuple(key_names))
-        return [ActiveVersionFacts(*row) for row in rows]
+        return [ActiveVersionFacts.from_row(row) for row in rows]
 
     def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
         if bindings:
@@ -172,17 +271,24 @@ class DataKeyStore:
         if not events:
             return []
         ((sequence, previous),) = self._run.rows(self._sql.lock_audit_head, ())
+        mac = self._integrity.audit
         rows = []
+        written = []
         for event in events:
             sequence += 1
             fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
             fields["outcome"] = str(fields["outcome"])
             digest = event_hash(previous, fields)
             fields["previous_hash"], fields["event_hash"] = previous, digest
+            fields["mac"] = mac.event(sequence, digest)
             rows.append(tuple(fields[column] for column in _AUDIT_COLUMNS))
+            written.append(fields)
             previous = digest
         self._insert_rows("audit_events", _AUDIT_COLUMNS, rows)
-        self._run.run(self._sql.move_audit_head, (sequence, previous))
+        self._run.run(self._sql.move_audit_head, (sequence, previous, mac.head(sequence, previous)))
+        if self._integrity.sink is not None:
+            # Before the commit: an event that cannot reach the sink fails the transaction.
+            self._integrity.sink(written)
         return [row[0] for row in rows]
 
     def _insert_rows(
@@ -200,7 +306,7 @@ class DataKeyStore:
             start += count
 
 
-_AUDIT_COLUMNS = (*HASHED_FIELDS, "previous_hash", "event_hash")
+_AUDIT_COLUMNS = (*HASHED_FIELDS, "previous_hash", "event_hash", "mac")
 _BINDING_COLUMNS = (
     "backup_id",
     "key_name",
@@ -211,7 +317,7 @@ _BINDING_COLUMNS = (
 )
 
 
-# 64 audit rows are 1,088 parameters: far below SQLite's and PostgreSQL's limits.
+# 64 audit rows are 1,152 parameters: far below SQLite's and PostgreSQL's limits.
 MAX_ROWS_PER_INSERT = 64
 
 
@@ -224,7 +330,8 @@ class _DriverSql:
         lock = " FOR UPDATE" if dialect_name == "postgresql" else ""
         self.lock_audit_head = f"SELECT sequence, event_hash FROM audit_head WHERE id = 1{lock}"
         self.move_audit_head = (
-            f"UPDATE audit_head SET sequence = {self.mark}, event_hash = {self.mark} WHERE id = 1"
+            f"UPDATE audit_head SET sequence = {self.mark}, event_hash = {self.mark},"
+            f" mac = {self.mark} WHERE id = 1"
         )
         self._inserts: dict[tuple[str, int], str] = {}
 
@@ -243,7 +350,7 @@ class _DriverSql:
     def bindings_by_id(self, count: int) -> str:
         return (
             "SELECT b.backup_id, b.key_name, b.version, b.wrapped_data_key,"
-            " v.state, v.wrapped_material"
+            f" {_VERSION_FACTS}"
             " FROM backup_bindings b JOIN key_versions v"
             " ON v.key_name = b.key_name AND v.version = b.version"
             f" WHERE b.backup_id IN ({self._marks(count)})"
@@ -251,34 +358,99 @@ class _DriverSql:
 
     def active_versions(self, count: int) -> str:
         return (
-            "SELECT k.name, k.active_version, v.state, v.wrapped_material"
+            "SELECT k.name, k.active_version, k.last_version, k.created_us, k.state_sequence,"
+            f" k.mac, {_VERSION_FACTS}"
             " FROM keys k LEFT JOIN key_versions v"
             " ON v.key_name = k.name AND v.version = k.active_version"
             f" WHERE k.name IN ({self._marks(count)})"
         )
 
 
+# A version's columns that its MAC covers, as the hot path reads them (see VersionFacts).
+_VERSION_FACTS = (
+    "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac"
+)
+
+
 _DRIVER_SQL: dict[str, _DriverSql] = {}
 
 
+class VersionFacts(NamedTuple):
+    """A version's columns as the hot path reads them: what its MAC covers, and the MAC."""
+
+    state: str
+    wrapped_material: bytes | None
+    origin: str
+    created_us: int
+    destroyed_us: int | None
+    state_sequence: int | None
+    mac: str | None
+
+    def sealed(self, key_name: str, version: int) -> SealedVersion:
+        return SealedVersion(
+            key_name,
+            version,
+            self.state,
+            self.origin,
+            self.wrapped_material is not None,
+            self.created_us,
+            self.destroyed_us,
+            self.state_sequence,
+        )
+
+
 class BoundVersionFacts(NamedTuple):
-    """A backup's binding with its version's state and wrapped material."""
+    """A backup's binding with its version's facts."""
 
     backup_id: str
     key_name: str
     version: int
     wrapped_data_key: bytes
-    state: str
-    wrapped_material: bytes | None
+    facts: VersionFacts
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> BoundVersionFacts:
+        return cls(row[0], row[1], row[2], row[3], VersionFacts(*row[4:]))
 
 
 class ActiveVersionFacts(NamedTuple):
-    """A key with its active version (state and material None when it has none)."""
+    """A key's row with its active version's facts (None when it has no active version)."""
 
     name: str
     active_version: int | None
-    state: str | None
-    wrapped_material: bytes | None
+    last_version: int
+    created_us: int
+    state_sequence: int | None
+    mac: str | None
+    facts: VersionFacts | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> ActiveVersionFacts:
+        facts = VersionFacts(*row[6:]) if row[6] is not None else None
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], facts)
+
+    def sealed(self) -> SealedKey:
+        return SealedKey(
+            self.name, self.active_version, self.last_version, self.created_us, self.state_sequence
+        )
+
+
+def sealed_key(row: KeyRow) -> SealedKey:
+    return SealedKey(row.name, row.active_version, row.last_version, row.created_us,
+                     row.state_sequence)  # fmt: skip
+
+
+def sealed_version(row: KeyVersionRow) -> SealedVersion:
+    return SealedVersion(
+        row.key_name,
+        row.version,
+        row.state,
+        row.origin,
+        row.wrapped_material is not None,
+        row.created_us,
+        row.destroyed_us,
+        row.state_sequence,
+    )
 
 
 # What an audit event says when a field does not concern it.
@@ -310,4 +482,5 @@ def audit_event_from_row(row: AuditEventRow) -> AuditEvent:
         detail=row.detail,
         previous_hash=row.previous_hash,
         event_hash=row.event_hash,
+        mac=row.mac,
     )

@@ -44,6 +44,10 @@ class Action(enum.StrEnum):
     DESTROY_VERSION = "key_version.destroy"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
+    CHECKPOINT_AUDIT = "audit.checkpoint"
+    READ_AUDIT_PUBLIC_KEY = "audit.public_key"
+    # Written once, when the server's audit keys are made: the keyed chain starts here.
+    START_KEYED_AUDIT = "audit.keyed_chain_start"
 
 
 class VersionState(enum.StrEnum):
@@ -132,6 +136,17 @@ class AuditEvent:
     detail: str
     previous_hash: str
     event_hash: str
+    # Hex HMAC under the audit MAC key; None for events older than the keyed chain.
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditHead:
+    """The newest event's sequence and hash, with the head's own MAC."""
+
+    sequence: int
+    event_hash: str
+    mac: str | None
 
 
 @dataclass(frozen=True)
@@ -141,6 +156,19 @@ class AuditVerification:
     first_broken_sequence: int
     problem: str
     head_hash: str
+    # The first event that carries a MAC: events before it predate the keyed chain.
+    keyed_from_sequence: int = 1
+
+
+@dataclass(frozen=True)
+class AuditCheckpoint:
+    """The server's signature over an event's sequence and chain hash."""
+
+    sequence: int
+    chain_hash: str
+    time_us: int
+    key_id: str
+    signature: str
 
 
 def check_key_name(key_name: str) -> str:

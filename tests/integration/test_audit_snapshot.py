@@ -27,7 +27,7 @@ def test_walking_the_chain_is_not_blocked_by_a_writer_on_sqlite(kms: RunningKms)
     finally:
         writer.execute("ROLLBACK")
         writer.close()
-    assert result.intact and result.events_checked == 21  # a registration, 20 data keys
+    assert result.intact and result.events_checked == 22  # keyed start, a registration, 20 keys
     # A write transaction would have waited out the 5 s busy timeout instead.
     assert elapsed < 2.5
     assert verify(kms).intact

@@ -13,9 +13,11 @@ from sqlalchemy.pool import NullPool
 from server.db import migrate
 from server.db.driver import driver_transaction
 from server.db.engine import make_engine, sqlite_url
-from server.db.repository import DataKeyStore
+from server.db.repository import DataKeyStore, Integrity
+from server.domain.integrity import AuditMac, StateSeal
 
 BINDING = ("backup-1", "tenant", 1, b"sentinel-7f3a", 1, False)
+INTEGRITY = Integrity(AuditMac(b"a" * 32), StateSeal(b"s" * 32))
 
 
 @pytest.fixture
@@ -47,13 +49,13 @@ def bindings(engine: Engine) -> int:
 
 def test_a_block_that_returns_commits(engine: Engine) -> None:
     with driver_transaction(engine) as statements:
-        DataKeyStore(statements).add_bindings([dict(zip(COLUMNS, BINDING, strict=True))])
+        DataKeyStore(statements, INTEGRITY).add_bindings([dict(zip(COLUMNS, BINDING, strict=True))])
     assert bindings(engine) == 1
 
 
 def test_a_block_that_raises_rolls_back(engine: Engine) -> None:
     with pytest.raises(RuntimeError), driver_transaction(engine) as statements:
-        DataKeyStore(statements).add_bindings([dict(zip(COLUMNS, BINDING, strict=True))])
+        DataKeyStore(statements, INTEGRITY).add_bindings([dict(zip(COLUMNS, BINDING, strict=True))])
         raise RuntimeError("after the insert")
     assert bindings(engine) == 0
 
@@ -65,7 +67,7 @@ def test_a_batch_of_any_size_is_inserted_whole(engine: Engine) -> None:
         for n in range(100)
     ]
     with driver_transaction(engine) as statements:
-        DataKeyStore(statements).add_bindings(rows)
+        DataKeyStore(statements, INTEGRITY).add_bindings(rows)
     with engine.connect() as connection:
         stored = connection.execute(
             text("SELECT backup_id, wrapped_data_key, created_us FROM backup_bindings")
@@ -78,14 +80,14 @@ def test_a_batch_of_any_size_is_inserted_whole(engine: Engine) -> None:
 def test_driver_errors_come_out_as_sqlalchemy_errors_without_parameters(engine: Engine) -> None:
     row = dict(zip(COLUMNS, BINDING, strict=True))
     with driver_transaction(engine) as statements:
-        DataKeyStore(statements).add_bindings([row])
+        DataKeyStore(statements, INTEGRITY).add_bindings([row])
     with pytest.raises(sa_exc.IntegrityError) as raised, driver_transaction(engine) as statements:
-        DataKeyStore(statements).add_bindings([row])
+        DataKeyStore(statements, INTEGRITY).add_bindings([row])
     assert "sentinel-7f3a" not in str(raised.value), "parameters stay out of error messages"
     assert not raised.value.connection_invalidated
     assert bindings(engine) == 1
     with driver_transaction(engine) as statements:  # the connection went back usable
-        assert len(DataKeyStore(statements).bindings_by_backup_id({"backup-1"})) == 1
+        assert len(DataKeyStore(statements, INTEGRITY).bindings_by_backup_id({"backup-1"})) == 1
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,11 @@ def _request(method: str) -> st.SearchStrategy[Any]:
             m.ListAuditEventsRequest, page_size=u32, page_token=page_tokens, key_name=names
         ),
         "VerifyAuditLog": st.just(m.VerifyAuditLogRequest()),
+        "GetAuditCheckpoint": st.builds(
+            m.GetAuditCheckpointRequest,
+            sequence=st.one_of(st.sampled_from([0, 1, 2, 2**63 - 1, 2**63, 2**64 - 1]), u32),
+        ),
+        "GetAuditPublicKey": st.just(m.GetAuditPublicKeyRequest()),
     }[method]
 
 
@@ -189,6 +194,8 @@ def test_every_rpc_answers_hostile_input_with_a_defined_status(fuzz_kms: Running
             assert credentials not in ("admin",) or method in (
                 "ListAuditEvents",
                 "VerifyAuditLog",
+                "GetAuditCheckpoint",
+                "GetAuditPublicKey",
                 "GetActiveKey",
                 "ResolveKeyForBackup",
             )

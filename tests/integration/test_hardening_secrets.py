@@ -84,9 +84,24 @@ def test_no_secret_reaches_logs_audit_rows_or_error_messages(
                 text("SELECT key_name, version, wrapped_material FROM key_versions")
             ).all()
         materials = [
-            root_key.unwrap_version_material(name, version, bytes(blob))
+            bytes(root_key.unwrap_version_material(name, version, bytes(blob)))
             for name, version, blob in rows
         ]
+        # The server's own secrets, as the root key unwraps them from the database.
+        with database(kms) as connection:
+            meta: dict[str, bytes] = {
+                name: bytes(value)
+                for name, value in connection.execute(text("SELECT name, value FROM server_meta"))
+            }
+        keyed_from = meta["audit_keyed_from"].decode()
+        server_secrets = {
+            name: bytes(root_key.unwrap_server_secret(label, bytes(meta[name])))
+            for name, label in (
+                ("audit_mac_key", f"audit_mac_key@{keyed_from}"),
+                ("state_mac_key", "state_mac_key"),
+                ("audit_signing_key", "audit_signing_key"),
+            )
+        }
         assert imported in materials and len(materials) == 3
         admin.DisableKeyVersion(
             kms_pb2.DisableKeyVersionRequest(key_name=KEY, version=3, reason="hold")
@@ -126,6 +141,7 @@ def test_no_secret_reaches_logs_audit_rows_or_error_messages(
 
     secrets: dict[str, bytes] = {"root key": root_key_bytes}
     secrets.update({f"version material {i}": m for i, m in enumerate(materials)})
+    secrets.update(server_secrets)
     secrets.update({f"data key {i}": k for i, k in enumerate(data_keys)})
     secrets.update({f"{role} token": t.encode() for role, t in kms.tokens.items()})
 

@@ -1,0 +1,143 @@
+"""What the audit log says the state is, checked against what the database holds.
+
+A row's MAC proves the server wrote it, but not that it is the newest thing the server
+wrote: someone with the database can put back an older, validly MAC'd row (undo a
+rotation, revive a destroyed version). Replaying the log's state changes and comparing
+each row's content and `state_sequence` with the last event that changed it catches that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from server.domain.errors import IntegrityFailure
+from server.domain.integrity import SealedKey, SealedVersion, StateSeal
+from server.domain.model import Action, AuditEvent, Outcome, VersionState
+
+_VERSION_STATES: dict[str, VersionState] = {
+    Action.DISABLE_VERSION: VersionState.DISABLED,
+    Action.ENABLE_VERSION: VersionState.ENABLED,
+    Action.DESTROY_VERSION: VersionState.DESTROYED,
+}
+
+
+@dataclass
+class _Expected:
+    value: int | str | None  # a key's active version, or a version's state
+    changed_by: int  # the sequence of the last event that changed the row
+
+
+@dataclass(frozen=True)
+class StoredRow:
+    """A key or version row as stored, with its MAC."""
+
+    sealed: SealedKey | SealedVersion
+    mac: str | None
+
+
+class StateReplay:
+    """Follows the events as they stream past (`watch`), keeping the last change of each row."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, _Expected] = {}
+        self.versions: dict[tuple[str, int], _Expected] = {}
+        self.keyed_from = 0  # the event that sealed every row, when the state key was made
+
+    def watch(self, events: Iterable[AuditEvent]) -> Iterator[AuditEvent]:
+        for event in events:
+            self._record(event)
+            yield event
+
+    def _record(self, event: AuditEvent) -> None:
+        if event.outcome != Outcome.ALLOWED:
+            return
+        sequence, name = event.sequence, event.key_name
+        if event.action == Action.START_KEYED_AUDIT:
+            self.keyed_from = sequence
+        elif event.action == Action.REGISTER_VERSION:
+            active = self.keys.get(name)
+            activated = event.to_version == event.version
+            current = active.value if active else None
+            self.keys[name] = _Expected(event.version if activated else current, sequence)
+            self.versions[(name, event.version)] = _Expected(VersionState.ENABLED, sequence)
+        elif event.action == Action.ROTATE:
+            self.keys[name] = _Expected(event.to_version, sequence)
+        elif event.action in _VERSION_STATES:
+            self.versions[(name, event.version)] = _Expected(
+                _VERSION_STATES[event.action], sequence
+            )
+
+    def problems(
+        self, keys: Sequence[StoredRow], versions: Sequence[StoredRow], seal: StateSeal
+    ) -> Iterator[str]:
+        """Every way the stored rows differ from what the log says, first to last."""
+        seen_keys: set[str] = set()
+        for row in keys:
+            sealed = row.sealed
+            assert isinstance(sealed, SealedKey)
+            seen_keys.add(sealed.name)
+            yield from self._row_problems(
+                f"key {sealed.name}",
+                "active version",
+                sealed.active_version,
+                sealed.state_sequence,
+                self.keys.get(sealed.name),
+                _mac_problem(row, seal),
+            )
+        seen_versions: set[tuple[str, int]] = set()
+        for row in versions:
+            sealed_version = row.sealed
+            assert isinstance(sealed_version, SealedVersion)
+            identity = (sealed_version.key_name, sealed_version.version)
+            seen_versions.add(identity)
+            yield from self._row_problems(
+                f"{identity[0]} version {identity[1]}",
+                "state",
+                sealed_version.state,
+                sealed_version.state_sequence,
+                self.versions.get(identity),
+                _mac_problem(row, seal),
+            )
+        for name in sorted(self.keys.keys() - seen_keys):
+            yield f"key {name} is in the audit log but missing from the database (deleted)"
+        for name, version in sorted(self.versions.keys() - seen_versions):
+            yield (
+                f"{name} version {version} is in the audit log but missing from the database "
+                "(deleted)"
+            )
+
+    def _row_problems(
+        self,
+        what: str,
+        field: str,
+        value: int | str | None,
+        state_sequence: int | None,
+        expected: _Expected | None,
+        mac_problem: str,
+    ) -> Iterator[str]:
+        if mac_problem:
+            yield f"{what}: {mac_problem}"
+            return
+        if expected is None:
+            yield f"{what} has no event in the audit log (it was written outside the server)"
+            return
+        if value != expected.value:
+            yield (
+                f"{what}: the {field} is {value}, but the audit log's event {expected.changed_by} "
+                f"made it {expected.value}"
+            )
+        last_change = max(expected.changed_by, self.keyed_from)
+        if state_sequence != last_change:
+            yield (
+                f"{what} was last changed by event {state_sequence} but the audit log's last "
+                f"change to it is event {last_change} (an older row was put back)"
+            )
+
+
+def _mac_problem(row: StoredRow, seal: StateSeal) -> str:
+    try:
+        seal.check(row.sealed, row.mac)
+    except IntegrityFailure:
+        return "its row fails its MAC (it was changed outside the server)"
+    return ""

@@ -1,0 +1,141 @@
+"""The server's own secrets: the audit MAC key, the state key and the audit signing key.
+
+Made at the first start, stored only wrapped under the root key (each bound by associated
+data to its name, the audit MAC key also to the sequence where the keyed chain starts),
+and unwrapped into this process's memory at every start. Someone who can write the
+database but has not the root key can neither read them nor replace them unnoticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from kms_audit import checkpoint as checkpoints
+from server import crypto
+from server.db.repository import Integrity, MetaStore, Repository
+from server.domain.errors import IntegrityFailure
+from server.domain.integrity import AuditMac, StateSeal
+from server.domain.model import Action, AuditCheckpoint, Outcome
+
+# Told every audit event before its transaction commits (the --audit-file sink).
+AuditSink = Callable[[Sequence[Mapping[str, Any]]], None]
+
+AUDIT_MAC_KEY = "audit_mac_key"
+STATE_MAC_KEY = "state_mac_key"
+AUDIT_SIGNING_KEY = "audit_signing_key"
+KEYED_FROM = "audit_keyed_from"
+
+
+class ServerKeysError(Exception):
+    """The stored secrets are missing or do not unwrap: the database was tampered with."""
+
+
+@dataclass(frozen=True)
+class ServerKeys:
+    audit: AuditMac
+    state: StateSeal
+    signing: Ed25519PrivateKey
+    # The sequence of the event that started the keyed chain: every event from it on has a MAC.
+    keyed_from: int
+
+    def __repr__(self) -> str:
+        return f"ServerKeys(<hidden>, keyed_from={self.keyed_from})"
+
+    def integrity(self, sink: AuditSink | None = None) -> Integrity:
+        return Integrity(self.audit, self.state, sink)
+
+    @property
+    def key_id(self) -> str:
+        return checkpoints.key_id(self.signing.public_key())
+
+    def public_key_pem(self) -> str:
+        return checkpoints.public_key_pem(self.signing.public_key())
+
+    def sign(self, sequence: int, chain_hash: str, time_us: int) -> AuditCheckpoint:
+        signed = checkpoints.sign(self.signing, sequence, chain_hash, time_us)
+        return AuditCheckpoint(
+            signed.sequence, signed.chain_hash, signed.time_us, signed.key_id, signed.signature
+        )
+
+
+def load(repo: MetaStore, root_key: crypto.RootKey) -> ServerKeys | None:
+    """The stored secrets, unwrapped; None when this database has none yet."""
+    stored = {name: repo.get_meta(name) for name in _ALL}
+    if all(value is None for value in stored.values()):
+        return None
+    missing = [name for name, value in stored.items() if value is None]
+    if missing:
+        raise ServerKeysError(
+            f"the database holds only some of the server's secrets ({', '.join(missing)} "
+            "missing): it was tampered with; restore it from a backup"
+        )
+    keyed_from = _keyed_from(stored[KEYED_FROM])
+    try:
+        audit = root_key.unwrap_server_secret(
+            f"{AUDIT_MAC_KEY}@{keyed_from}", _b(stored, AUDIT_MAC_KEY)
+        )
+        state = root_key.unwrap_server_secret(STATE_MAC_KEY, _b(stored, STATE_MAC_KEY))
+        seed = root_key.unwrap_server_secret(AUDIT_SIGNING_KEY, _b(stored, AUDIT_SIGNING_KEY))
+    except IntegrityFailure as failure:
+        raise ServerKeysError(
+            f"{failure.message}: the server's secrets in the database were altered "
+            "(or the keyed chain's start was moved); restore the database from a backup"
+        ) from None
+    signing = Ed25519PrivateKey.from_private_bytes(bytes(seed))
+    crypto.wipe(seed)
+    return ServerKeys(AuditMac(audit), StateSeal(state), signing, keyed_from)
+
+
+def create(repo_meta: MetaStore, root_key: crypto.RootKey, head_sequence: int) -> ServerKeys:
+    """Makes the secrets and stores them wrapped, in the caller's transaction; the keyed chain
+    will start at the event after the current head (`start_keyed_chain`)."""
+    keyed_from = head_sequence + 1
+    audit, state, seed = (crypto.new_secret_buffer() for _ in range(3))
+    repo_meta.set_meta(KEYED_FROM, str(keyed_from).encode())
+    repo_meta.set_meta(
+        AUDIT_MAC_KEY, root_key.wrap_server_secret(f"{AUDIT_MAC_KEY}@{keyed_from}", audit)
+    )
+    repo_meta.set_meta(STATE_MAC_KEY, root_key.wrap_server_secret(STATE_MAC_KEY, state))
+    repo_meta.set_meta(AUDIT_SIGNING_KEY, root_key.wrap_server_secret(AUDIT_SIGNING_KEY, seed))
+    signing = Ed25519PrivateKey.from_private_bytes(bytes(seed))
+    crypto.wipe(seed)
+    return ServerKeys(AuditMac(audit), StateSeal(state), signing, keyed_from)
+
+
+def start_keyed_chain(repo: Repository, keys: ServerKeys, now_us: int) -> None:
+    """Seals every key and version row and writes the first keyed event, whose previous_hash
+    anchors the unkeyed log before it. `repo` must carry `keys.integrity()`."""
+    key_count, version_count = repo.seal_all_state(keys.keyed_from)
+    sequence = repo.append_audit(
+        time_us=now_us,
+        actor="system",
+        action=Action.START_KEYED_AUDIT,
+        outcome=Outcome.ALLOWED,
+        status_code="OK",
+        detail=(
+            f"keyed audit chain starts; signing key {keys.key_id}; sealed {key_count} keys "
+            f"and {version_count} versions"
+        ),
+    )
+    if sequence != keys.keyed_from:
+        raise ServerKeysError("the audit log moved while the keyed chain was being started")
+
+
+def _keyed_from(value: bytes | None) -> int:
+    try:
+        return int((value or b"").decode("ascii"))
+    except ValueError:
+        raise ServerKeysError("the keyed chain's start in the database is malformed") from None
+
+
+def _b(stored: dict[str, bytes | None], name: str) -> bytes:
+    value = stored[name]
+    assert value is not None
+    return value
+
+
+_ALL = (KEYED_FROM, AUDIT_MAC_KEY, STATE_MAC_KEY, AUDIT_SIGNING_KEY)
