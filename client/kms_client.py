@@ -302,9 +302,10 @@ class KmsClient:
                 return
 
     def iter_audit_events(
-        self, *, key_name: str = "", page_size: int = 0
+        self, *, key_name: str = "", page_size: int = 0, after_sequence: int = 0
     ) -> Iterator[kms_pb2.AuditEvent]:
-        page_token = ""
+        """Events in sequence order, from the one after `after_sequence`."""
+        page_token = str(after_sequence) if after_sequence else ""
         while True:
             request = kms_pb2.ListAuditEventsRequest(
                 page_size=page_size, page_token=page_token, key_name=key_name
@@ -317,3 +318,11 @@ class KmsClient:
 
     def verify_audit_log(self) -> kms_pb2.VerifyAuditLogResponse:
         return self._call(self._stub.VerifyAuditLog, kms_pb2.VerifyAuditLogRequest(), retry=True)
+
+    def get_audit_checkpoint(self, sequence: int = 0) -> kms_pb2.AuditCheckpoint:
+        request = kms_pb2.GetAuditCheckpointRequest(sequence=sequence)
+        return self._call(self._stub.GetAuditCheckpoint, request, retry=True).checkpoint
+
+    def get_audit_public_key(self) -> kms_pb2.GetAuditPublicKeyResponse:
+        request = kms_pb2.GetAuditPublicKeyRequest()
+        return self._call(self._stub.GetAuditPublicKey, request, retry=True)

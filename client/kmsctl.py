@@ -17,6 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from client import audit_tools
 from client.cli_common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_kms_error, print_error
 from client.kms_client import (
     ConfigError,
@@ -279,12 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="check the hash chain; exit 1 if broken"
     )
     audit_verify.set_defaults(handler=cmd_audit_verify)
+    offline_common = argparse.ArgumentParser(add_help=False)
+    offline_common.add_argument("--json", action="store_true", help="machine-readable output")
+    audit_tools.add_commands(audit_commands, common, offline_common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    offline = getattr(args, "offline_handler", None)
+    if offline is not None:  # needs no server: no connection settings are read
+        result: int = offline(args)
+        return result
     handler: Callable[[KmsClient, argparse.Namespace], int] = args.handler
     try:
         config = config_from_args(args)
