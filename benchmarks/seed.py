@@ -3,26 +3,29 @@
 Uses the server's own models, wraps real version material under the
 server's root key (so the server can use every seeded version), wraps valid
 data keys for a sample of the bindings (the ones the benchmark resolves) and
-extends the audit hash chain from the current head, updating `audit_head`, so
-`VerifyAuditLog` still finds the whole chain intact.
+extends the audit hash chain from the current head with the server's own MACs,
+updating `audit_head`, so `VerifyAuditLog` still finds the whole chain intact.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, select, update
+from sqlalchemy import Connection, Engine, Table, create_engine, event, update
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
-from server import crypto
+from server import crypto, server_keys
 from server.db.engine import sqlite_url
 from server.db.models import AuditEventRow, AuditHeadRow, BackupBindingRow, KeyRow, KeyVersionRow
-from server.domain.audit_chain import GENESIS_HASH, event_hash
+from server.db.repository import MetaStore
+from server.domain.audit_chain import event_hash
+from server.domain.integrity import SealedKey, SealedVersion
 from server.domain.model import Action, Outcome, VersionOrigin, VersionState
 
 BATCH = 50_000
@@ -81,7 +84,13 @@ def seed(
     bindings: int,
     audit_events: int,
 ) -> SeedResult:
-    """Adds `keys` keys holding `versions` versions in all, `bindings` bindings and events."""
+    """Adds `keys` keys holding `versions` versions in all, `bindings` bindings and events.
+
+    The keys and versions are recorded in the log as the server would have (a registration
+    per version, then a rotation per key to its newest), and every row is sealed and every
+    event MAC'd with the server's own keys, so the server uses them and VerifyAuditLog finds
+    log and state in agreement.
+    """
     started = time.perf_counter()
     root_key = crypto.RootKey.load(data_dir / "root.key")
     per_key = versions // keys
@@ -90,37 +99,75 @@ def seed(
     materials: dict[tuple[str, int], bytes] = {}
     engine = _engine(database_url, data_dir)
     try:
-        with engine.begin() as connection:
-            connection.execute(
-                _table(KeyRow).insert(),
-                [
-                    {
-                        "name": n,
-                        "active_version": None,
-                        "last_version": per_key,
-                        "created_us": created,
-                    }
-                    for n in names
-                ],
+        with Session(engine) as session:
+            server = server_keys.load(MetaStore(session), root_key)
+            head = MetaStore(session).audit_head()
+        if server is None:
+            raise RuntimeError("seed a database a kms-server has started on (it has no keys yet)")
+        chain = _Chain(server, head.sequence, head.event_hash)
+        register_events = [
+            chain.event(
+                created, "dev-admin", Action.REGISTER_VERSION, key_name=name, version=version
             )
+            for name in names
+            for version in range(1, per_key + 1)
+        ]
+        rotate_events = [
+            chain.event(
+                created,
+                "dev-admin",
+                Action.ROTATE,
+                key_name=name,
+                from_version=per_key - 1 if per_key > 1 else 0,
+                to_version=per_key,
+            )
+            for name in names
+        ]
+        with engine.begin() as connection:
             version_rows = []
-            for name in names:
+            for index, name in enumerate(names):
                 for version in range(1, per_key + 1):
                     material = crypto.new_key_material()
                     materials[name, version] = material
-                    version_rows.append(
-                        {
-                            "key_name": name,
-                            "version": version,
-                            "state": str(VersionState.ENABLED),
-                            "origin": str(VersionOrigin.GENERATED),
-                            "wrapped_material": root_key.wrap_version_material(
-                                name, version, material
-                            ),
-                            "created_us": created,
-                            "destroyed_us": None,
-                        }
+                    row = {
+                        "key_name": name,
+                        "version": version,
+                        "state": str(VersionState.ENABLED),
+                        "origin": str(VersionOrigin.GENERATED),
+                        "wrapped_material": root_key.wrap_version_material(name, version, material),
+                        "created_us": created,
+                        "destroyed_us": None,
+                        "state_sequence": register_events[index * per_key + version - 1][
+                            "sequence"
+                        ],
+                    }
+                    row["mac"] = server.state.version_mac(
+                        SealedVersion(
+                            name,
+                            version,
+                            row["state"],
+                            row["origin"],
+                            True,
+                            created,
+                            None,
+                            row["state_sequence"],
+                        )
                     )
+                    version_rows.append(row)
+            key_rows = []
+            for name, rotation in zip(names, rotate_events, strict=True):
+                row = {
+                    "name": name,
+                    "active_version": None,
+                    "last_version": per_key,
+                    "created_us": created,
+                    "state_sequence": rotation["sequence"],
+                }
+                sealed = SealedKey(name, per_key, per_key, created, rotation["sequence"])
+                row["mac"] = server.state.key_mac(sealed)
+                key_rows.append(row)
+            # Keys first (no active version yet: it must exist first), then versions.
+            connection.execute(_table(KeyRow).insert(), key_rows)
             for batch in _batches(iter(version_rows)):
                 connection.execute(_table(KeyVersionRow).insert(), batch)
             connection.execute(
@@ -160,14 +207,17 @@ def seed(
                 _insert(connection, _table(BackupBindingRow), batch)
 
         with engine.begin() as connection:
-            _append_audit_chain(connection, audit_events, names, per_key)
+            _append_audit_chain(connection, chain, [*register_events, *rotate_events])
+            _append_audit_chain(
+                connection, chain, _data_key_events(chain, audit_events, names, per_key)
+            )
     finally:
         engine.dispose()
     return SeedResult(
         keys=names,
         versions=per_key * keys,
         bindings=bindings,
-        audit_events=audit_events,
+        audit_events=audit_events + len(names) * (per_key + 1),
         seconds=time.perf_counter() - started,
         sample_backup_ids=sample,
     )
@@ -186,47 +236,66 @@ def _insert(connection: Connection, table: Table, rows: list[dict[str, Any]]) ->
     connection.exec_driver_sql(sql, [tuple(row[c] for c in columns) for row in rows])
 
 
-def _append_audit_chain(connection: Connection, count: int, names: list[str], per_key: int) -> None:
-    """Appends `count` events after the current head with correct links, then moves the head."""
-    heads = _table(AuditHeadRow)
-    head = connection.execute(select(heads.c.sequence, heads.c.event_hash).where(heads.c.id == 1))
-    row = head.one_or_none()
-    sequence, previous = (int(row[0]), str(row[1])) if row else (0, GENESIS_HASH)
+class _Chain:
+    """Numbers, hashes and MACs events after the head, as the server's DataKeyStore does."""
+
+    def __init__(self, server: server_keys.ServerKeys, sequence: int, previous: str) -> None:
+        self.server = server
+        self.sequence = sequence
+        self.previous = previous
+
+    def event(self, time_us: int, actor: str, action: Action, **fields: Any) -> dict[str, Any]:
+        self.sequence += 1
+        event: dict[str, Any] = {
+            "sequence": self.sequence,
+            "time_us": time_us,
+            "actor": actor,
+            "action": str(action),
+            "outcome": str(Outcome.ALLOWED),
+            "status_code": "OK",
+            "key_name": "",
+            "version": 0,
+            "from_version": 0,
+            "to_version": 0,
+            "backup_id": "",
+            "reason": "",
+            "detail": "",
+            **fields,
+        }
+        digest = event_hash(self.previous, event)
+        event["previous_hash"], event["event_hash"] = self.previous, digest
+        event["mac"] = self.server.audit.event(self.sequence, digest)
+        self.previous = digest
+        return event
+
+
+def _data_key_events(
+    chain: _Chain, count: int, names: list[str], per_key: int
+) -> Iterator[dict[str, Any]]:
     time_us = time.time_ns() // 1000 - count
-    actions = (str(Action.ISSUE_DATA_KEY), str(Action.RESOLVE_DATA_KEY))
+    actions = (Action.ISSUE_DATA_KEY, Action.RESOLVE_DATA_KEY)
     actors = ("dev-backup", "dev-restore")
-    allowed = str(Outcome.ALLOWED)
-
-    def events() -> Iterator[dict[str, Any]]:
-        nonlocal sequence, previous
-        for n in range(count):
-            sequence += 1
-            fields: dict[str, Any] = {
-                "sequence": sequence,
-                "time_us": time_us + n,
-                "actor": actors[n % 2],
-                "action": actions[n % 2],
-                "outcome": allowed,
-                "status_code": "OK",
-                "key_name": names[n % len(names)],
-                "version": (n // len(names)) % per_key + 1,
-                "from_version": 0,
-                "to_version": 0,
-                "backup_id": f"scale-{n // 2:08d}",
-                "reason": "",
-                "detail": "",
-            }
-            digest = event_hash(previous, fields)
-            fields["previous_hash"] = previous
-            fields["event_hash"] = digest
-            previous = digest
-            yield fields
-
-    for batch in _batches(events()):
-        _insert(connection, _table(AuditEventRow), batch)
-    if row is None:
-        connection.execute(heads.insert().values(id=1, sequence=sequence, event_hash=previous))
-    else:
-        connection.execute(
-            heads.update().where(heads.c.id == 1).values(sequence=sequence, event_hash=previous)
+    for n in range(count):
+        yield chain.event(
+            time_us + n,
+            actors[n % 2],
+            actions[n % 2],
+            key_name=names[n % len(names)],
+            version=(n // len(names)) % per_key + 1,
+            backup_id=f"scale-{n // 2:08d}",
         )
+
+
+def _append_audit_chain(
+    connection: Connection, chain: _Chain, events: Iterable[dict[str, Any]]
+) -> None:
+    """Inserts the events, then moves the head (with its MAC) to the chain's end."""
+    for batch in _batches(iter(events)):
+        _insert(connection, _table(AuditEventRow), batch)
+    heads = _table(AuditHeadRow)
+    mac = chain.server.audit.head(chain.sequence, chain.previous)
+    connection.execute(
+        heads.update()
+        .where(heads.c.id == 1)
+        .values(sequence=chain.sequence, event_hash=chain.previous, mac=mac)
+    )
