@@ -10,6 +10,7 @@ a version's state without the next read or `VerifyAuditLog` noticing.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
@@ -34,23 +35,29 @@ def _encode(purpose: str, parts: Sequence[str | int | None]) -> bytes:
 
 class AuditMac:
     """MACs of audit events (over their chain hash, which covers every field and the link
-    to the event before) and of the head (its sequence and hash)."""
+    to the event before) and of the head (its sequence and hash).
+
+    On the data-key path, one per call: the key is absorbed once and the keyed state copied
+    for each message, which costs a third of a one-shot `hmac.digest`.
+    """
 
     def __init__(self, key: bytes | bytearray) -> None:
-        self._key = key
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def __repr__(self) -> str:
         return "AuditMac(<hidden>)"
 
+    def _mac(self, purpose: bytes, sequence: int, event_hash: str) -> str:
+        mac = self._keyed.copy()
+        # Fixed-length fields (8-byte sequence, 64 hex digits): no separators needed.
+        mac.update(purpose + sequence.to_bytes(8, "big") + event_hash.encode("ascii"))
+        return mac.hexdigest()
+
     def event(self, sequence: int, event_hash: str) -> str:
-        return hmac.digest(
-            self._key, _encode("audit-event", (sequence, event_hash)), _MAC_DIGEST
-        ).hex()
+        return self._mac(b"kms.v1/audit-event:", sequence, event_hash)
 
     def head(self, sequence: int, event_hash: str) -> str:
-        return hmac.digest(
-            self._key, _encode("audit-head", (sequence, event_hash)), _MAC_DIGEST
-        ).hex()
+        return self._mac(b"kms.v1/audit-head:", sequence, event_hash)
 
     def event_ok(self, sequence: int, event_hash: str, mac: str | None) -> bool:
         return mac is not None and hmac.compare_digest(self.event(sequence, event_hash), mac)
