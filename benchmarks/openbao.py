@@ -9,12 +9,13 @@ GetActiveKey and `transit/decrypt/<key>` beside ResolveKeyForBackup, loaded by t
 same closed loop as kms-server (benchmarks/load.py) with aiohttp as the client.
 
 HTTP/1.1 carries one request at a time per connection, so with N connections and
-more than N calls in flight the rest wait in the client's pool for a free one; their
-wait counts in the latency, as a gRPC call's wait for the server's dispatch does.
+more than N calls in flight the rest wait, first come first served, for a free one;
+their wait counts in the latency, as a gRPC call's wait for the server's dispatch does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import shutil
@@ -281,12 +282,17 @@ class TransitClient:
             )
 
         self.session = loop.run(open_session())
+        # aiohttp's own pool is not fair: a task that has just freed a connection takes it
+        # again before a waiting task wakes, so 48 of 64 callers would wait the whole phase
+        # and p99 would be the phase's length. A (FIFO) semaphore hands the connections out
+        # in turn, and the pool then always has one free for the holder.
+        self._turns = asyncio.Semaphore(connection_count)
 
     def close(self) -> None:
         self.loop.run(self.session.close())
 
     async def _post(self, url: str, body: dict[str, str]) -> Any:
-        async with self.session.post(url, json=body) as answer:
+        async with self._turns, self.session.post(url, json=body) as answer:
             text = await answer.read()
             if answer.status != 200:
                 raise HttpCallError(f"{answer.status} {text[:300]!r}")
