@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the RPC --profile loads kms-server with (default %(default)s)",
     )
     parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C and Cython frames too (grpc's core, SQLite, OpenSSL), "
+        "which otherwise show as the Python frame that called them",
+    )
+    parser.add_argument(
         "--peer",
         choices=["openbao"],
         action="append",
@@ -534,6 +540,10 @@ class Bench:
                 "--format", "flamegraph" if flame else "raw",
                 "-o", str(output),
             ]  # fmt: skip
+            if args.profile_native:
+                # py-spy reads native stacks only from a paused process: slower, same shares.
+                command.remove("--nonblocking")
+                command.append("--native")
             issued: list[str] = []
             load = client.get_active_key([BENCH_KEY], issued)
             if args.profile_rpc == "resolve_key_for_backup":
