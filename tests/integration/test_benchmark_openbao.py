@@ -3,9 +3,14 @@ loaded for a moment by the same closed loop. Skipped when bao is not installed."
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import os
+from collections import Counter
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -86,3 +91,54 @@ def test_a_failed_call_counts_as_an_error_and_the_load_goes_on(bao: Path, tmp_pa
     assert result.calls == 0
     assert result.errors > 1
     assert result.first_error.startswith("400")
+
+
+def test_callers_take_the_connections_in_turn(tmp_path: Path) -> None:
+    """More callers than connections: each caller gets turns, not a few of them all of them.
+
+    Against aiohttp's own pool a caller that has just freed a connection takes it again,
+    so the others' first calls would end only with the phase. A plain aiohttp server
+    stands in for OpenBao here: no bao needed.
+    """
+    web = pytest.importorskip("aiohttp.web")
+    loop = EventLoop()
+
+    async def datakey(request: Any) -> Any:
+        return web.json_response({"data": {"ciphertext": "vault:v2:x"}})
+
+    async def serve() -> Any:
+        app = web.Application()
+        app.router.add_post("/v1/transit/datakey/plaintext/bench", datakey)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner
+
+    runner = loop.run(serve())
+    try:
+        port = runner.addresses[0][1]
+        stand_in = openbao.BaoProcess(
+            "dev", f"127.0.0.1:{port}", "t", cast(Any, None), tmp_path / "log", tmp_path / "a"
+        )
+        client = openbao.TransitClient(stand_in, loop, connection_count=2)
+        calls_by_caller: Counter[int] = Counter()
+        make = client.datakey([])
+
+        def counted(i: int) -> Awaitable[None]:
+            calls_by_caller[id(asyncio.current_task())] += 1
+            return make(i)
+
+        result = loop.closed_loop(
+            counted, in_flight=8, duration=1.0, warmup=0.0, server_pid=os.getpid(),
+            failures=client.failures(),
+        )  # fmt: skip
+        client.close()
+    finally:
+        loop.run(runner.cleanup())
+        loop.shutdown()
+
+    assert result.errors == 0
+    assert len(calls_by_caller) == 8
+    # Starved callers would each have made exactly one call, at the end.
+    assert min(calls_by_caller.values()) >= 2, calls_by_caller
