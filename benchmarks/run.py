@@ -252,9 +252,12 @@ def echo_baseline(bench: Bench, work: Path) -> dict[str, Any]:
 def openbao_figures(bench: Bench, work: Path) -> dict[str, Any]:
     """OpenBao's transit datakey and decrypt at 1 and CONCURRENT in flight, per storage."""
     bao = openbao.find_bao()
-    if bao is None:
-        print(f"    skipped: {openbao.MISSING}", flush=True)
-        return {"skipped": openbao.MISSING}
+    problem = (
+        openbao.MISSING if bao is None else "" if openbao.has_client() else openbao.MISSING_CLIENT
+    )
+    if bao is None or problem:
+        print(f"    skipped: {problem}", flush=True)
+        return {"skipped": problem}
     figures: dict[str, Any] = {
         "version": openbao.bao_version(bao),
         "transit_key": "aes256-gcm96, 2 versions",

