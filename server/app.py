@@ -119,6 +119,7 @@ def create_server(
             engine,
             root_key,
             on_unavailable=probe.check_now if probe is not None else None,
+            data_key_retry_window_seconds=settings.data_key_retry_window_seconds,
         )
         service.check_root_key()
         if settings.metrics_listen:

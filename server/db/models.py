@@ -88,6 +88,8 @@ class BackupBindingRow(Base):
     wrapped_data_key: Mapped[bytes] = mapped_column(LargeBinary)
     created_us: Mapped[int] = mapped_column(BigInteger)
     recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The principal whose call made the binding: only it may get the data key again.
+    created_by: Mapped[str] = mapped_column(String(256), default="", server_default="")
 
     __table_args__ = (
         ForeignKeyConstraint(

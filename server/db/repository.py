@@ -208,6 +208,7 @@ _BINDING_COLUMNS = (
     "wrapped_data_key",
     "created_us",
     "recovered",
+    "created_by",
 )
 
 
@@ -243,7 +244,7 @@ class _DriverSql:
     def bindings_by_id(self, count: int) -> str:
         return (
             "SELECT b.backup_id, b.key_name, b.version, b.wrapped_data_key,"
-            " v.state, v.wrapped_material"
+            " v.state, v.wrapped_material, b.created_by, b.created_us"
             " FROM backup_bindings b JOIN key_versions v"
             " ON v.key_name = b.key_name AND v.version = b.version"
             f" WHERE b.backup_id IN ({self._marks(count)})"
@@ -270,6 +271,8 @@ class BoundVersionFacts(NamedTuple):
     wrapped_data_key: bytes
     state: str
     wrapped_material: bytes | None
+    created_by: str
+    created_us: int
 
 
 class ActiveVersionFacts(NamedTuple):
