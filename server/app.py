@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # grpc_health.v1.health.aio, by its module
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, select
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
-from server.api.auth import Authenticator, PolicyHolder
+from server.api.auth import Authenticator, AuthFailureLimits, PolicyHolder
 from server.api.methods import SERVICE_NAME
 from server.api.observability import CallLog, CallObserver, Metrics
-from server.api.pipeline import Pipeline, PipelineServer
+from server.api.pipeline import Limits, Pipeline, PipelineServer, PublicCalls
 from server.api.servicer import KeyManagementServicer
 from server.config import ServerSettings
 from server.crypto import RootKey
@@ -35,10 +37,33 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 # The active-version gauge reads at most this many keys per scrape.
 MAX_KEYS_IN_METRICS = 10_000
+STREAM_GOODBYE_SECONDS = 0.1
+# Beyond both caps, room for calls refused at once (unknown or not allowed methods).
+SPARE_RPCS = 16
 
 
 class StartupError(Exception):
     """The server cannot start; the message says why and what to do."""
+
+
+class HealthReport:
+    """The serving status, told to both health servicers: grpc.aio's on the main port (its
+    Watch streams hold no thread), the plain one on the --health-listen port."""
+
+    def __init__(self, loop: EventLoopThread) -> None:
+        self.aio = health_aio.HealthServicer()
+        self.plain = health.HealthServicer()
+        self._loop = loop
+
+    def set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        """From any thread but the event loop's."""
+        for name in ("", SERVICE_NAME):
+            self.plain.set(name, status)
+            self._loop.run(self.aio.set(name, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        self.plain.enter_graceful_shutdown()
+        self._loop.run(self.aio.enter_graceful_shutdown())
 
 
 @dataclass
@@ -46,7 +71,7 @@ class KmsServer:
     server: grpc.aio.Server
     loop: EventLoopThread
     port: int
-    health: health.HealthServicer
+    health: HealthReport
     engine: Engine
     policy: PolicyHolder
     settings: ServerSettings
@@ -56,6 +81,8 @@ class KmsServer:
     metrics: Metrics | None = None
     metrics_port: int | None = None
     service: KeyManagementService | None = None
+    public_calls: PublicCalls | None = None
+    authenticator: Authenticator | None = None
 
     def reload(self) -> bool:
         """Reloads the policy file and the TLS certificates (SIGHUP); True if all of it worked.
@@ -71,7 +98,12 @@ class KmsServer:
         if self.probe is not None:
             self.probe.stop()
         self.health.enter_graceful_shutdown()
+        if self.public_calls is not None:
+            # Watch streams have been told NOT_SERVING; they would never end by themselves.
+            self.loop.run(_end_streams(self.public_calls))
         self.loop.run(self.server.stop(grace_seconds))
+        if self.authenticator is not None:
+            self.authenticator.flush()
         self.loop.stop()  # after the blocking calls still running in its executor
         if self.service is not None:
             self.service.close()
@@ -80,6 +112,11 @@ class KmsServer:
         if self.metrics is not None:
             self.metrics.stop()
         self.engine.dispose()
+
+
+async def _end_streams(public_calls: PublicCalls) -> None:
+    await asyncio.sleep(STREAM_GOODBYE_SECONDS)  # lets watchers send NOT_SERVING first
+    public_calls.stop_streams()
 
 
 def open_database(settings: ServerSettings, *, upgrade: bool) -> Engine:
@@ -126,17 +163,30 @@ def create_server(
             metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees
         # the final status of every call), then authentication (server/api/pipeline.py).
-        server = PipelineServer(
-            loop.run(_aio_server(settings)),
-            Pipeline(
-                CallObserver(metrics, call_lines), Authenticator(policy, service.record_denial)
+        authenticator = Authenticator(
+            policy,
+            service.record_denial,
+            AuthFailureLimits(
+                burst=settings.auth_failure_burst,
+                per_minute=settings.auth_failures_per_minute,
+                summary_seconds=settings.auth_failure_summary_seconds,
             ),
         )
+        pipeline = Pipeline(
+            CallObserver(metrics, call_lines),
+            authenticator,
+            Limits(
+                max_calls=settings.max_concurrent_rpcs,
+                max_public_calls=settings.public_max_concurrent_rpcs,
+                max_public_calls_per_connection=settings.public_max_rpcs_per_connection,
+            ),
+        )
+        server = PipelineServer(loop.run(_aio_server(settings)), pipeline)
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
             KeyManagementServicer(service), server
         )
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_report = HealthReport(loop)
+        health_pb2_grpc.add_HealthServicer_to_server(health_report.aio, server)
         reflection.enable_server_reflection(
             (
                 kms_pb2.DESCRIPTOR.services_by_name["KeyManagementService"].full_name,
@@ -165,16 +215,15 @@ def create_server(
             metrics.stop()
         engine.dispose()
         raise
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_report.set(health_pb2.HealthCheckResponse.SERVING)
     if probe is not None:
         # NOT_SERVING while the database does not answer, SERVING again once it does.
-        probe.start(lambda serving: _report_database(health_servicer, serving))
+        probe.start(lambda serving: _report_database(health_report, serving))
     running = KmsServer(
         server,
         loop,
         port,
-        health_servicer,
+        health_report,
         engine,
         policy,
         settings,
@@ -183,9 +232,11 @@ def create_server(
         metrics=metrics,
         metrics_port=metrics_port,
         service=service,
+        public_calls=pipeline.public_calls,
+        authenticator=authenticator,
     )
     if settings.health_listen:
-        running.health_server = _start_health_server(settings.health_listen, health_servicer)
+        running.health_server = _start_health_server(settings.health_listen, health_report.plain)
     return running
 
 
@@ -199,8 +250,11 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
             initializer=name_os_thread,
         ),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
-        # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # The pipeline counts kms.v1 and public calls apart (server/api/pipeline.py), so
+        # health streams cannot take kms.v1's places; grpc's own cap only backs both up.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+        + settings.public_max_concurrent_rpcs
+        + SPARE_RPCS,
     )
 
 
@@ -216,14 +270,12 @@ def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.S
     return server
 
 
-def _report_database(servicer: health.HealthServicer, serving: bool) -> None:
-    status = (
+def _report_database(report: HealthReport, serving: bool) -> None:
+    report.set(
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for name in ("", SERVICE_NAME):
-        servicer.set(name, status)
 
 
 def active_versions(engine: Engine) -> list[tuple[str, int]]:

@@ -44,6 +44,8 @@ class Action(enum.StrEnum):
     DESTROY_VERSION = "key_version.destroy"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
+    # One event per peer per interval for the calls refused unauthenticated beyond the limit.
+    UNAUTHENTICATED_SUMMARY = "auth.unauthenticated_summary"
 
 
 class VersionState(enum.StrEnum):
