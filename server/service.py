@@ -1019,7 +1019,9 @@ def _unknown_backup(backup_id: str, cause: str = "") -> NotFound:
 def _not_a_retry(binding: _Binding, request: _DataKeyRequest, now: int, window_us: int) -> str:
     """Why a GetActiveKey for a bound backup id is not the same caller's retry ("" if it is)."""
     if binding.key_name != request.key_name:
-        return f"bound to key {binding.key_name}"
+        # Unnamed: this event is about the caller's key, which the other key's auditors
+        # may not be entitled to, nor this key's auditors to the other.
+        return "bound to another key"
     if binding.created_by != request.actor:
         return f"bound for principal {binding.created_by or '(unknown)'}"
     if now - binding.created_us > window_us:
