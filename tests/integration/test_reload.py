@@ -10,6 +10,8 @@ import functools
 import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kms.v1 import kms_pb2
 from server.policy import hash_token
-from tests.conftest import RunningKms
+from tests.conftest import RunningKms, child_environment
 from tests.integration.cluster import Replica, Secrets, wait_for
 from tests.integration.kms_helpers import code_of, register
 
@@ -194,3 +196,35 @@ def _children(pid: int) -> set[int]:
         if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
             found.add(int(entry.name))
     return found
+
+
+def test_a_grant_without_keys_stops_the_server_at_start_saying_what_to_add(
+    tmp_path: Path,
+) -> None:
+    secrets = Secrets.create(tmp_path / "secrets")
+    secrets.policy_file.write_text(
+        '[principals.ops]\nauth = ["certificate"]\n[[principals.ops.grants]]\nroles = ["admin"]\n'
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.main",
+            "--data-dir",
+            str(tmp_path / "server"),
+            "--root-key-file",
+            str(secrets.root_key_file),
+            "--policy-file",
+            str(secrets.policy_file),
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        env=child_environment(),
+    )
+    assert done.returncode == 2
+    assert "grant 1: add keys = [" in done.stderr and 'keys = ["*"] for every key' in done.stderr

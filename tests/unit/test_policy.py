@@ -246,3 +246,20 @@ def test_a_file_cut_inside_a_grant_is_refused(tmp_path: Path) -> None:
 def test_a_principal_name_that_cannot_be_audited_is_refused(name: str) -> None:
     with pytest.raises(PolicyError, match="principal name"):
         Policy.parse({"principals": {name: {"auth": ["certificate"]}}})
+
+
+def test_dev_mode_writes_token_only_principals_with_explicit_every_key_grants(
+    tmp_path: Path,
+) -> None:
+    from server import config, devmode
+
+    settings = config.parse(["--dev", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"], {})
+    devmode.bootstrap(settings)
+    text = settings.policy_file.read_text()
+    assert text.count('keys = ["*"]') == len(Role) and "roles = [" in text
+    policy = Policy.load(settings.policy_file)
+    for role in Role:
+        principal = policy.principals[f"dev-{role.value}"]
+        assert principal.roles == frozenset({role})
+        assert principal.scope(role).everything
+        assert policy.principal_for_certificate(principal.name) is None
