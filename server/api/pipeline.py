@@ -92,18 +92,23 @@ class Pipeline:
         if action is None or unary is None:
             return _deny_all(self._observer, method, handler)
         authenticated = self._authenticator.wrap(action, _on_loop(unary))
-        admitted = self._admitted(_parsed(request_type, authenticated))
+        admitted = self._admitted(request_type, authenticated)
         return _unary(handler, self._observer.wrap(method, admitted))
 
-    def _admitted(self, behaviour: Behaviour) -> Behaviour:
-        """`behaviour`, or RESOURCE_EXHAUSTED at once beyond the calls in progress allowed."""
+    def _admitted(self, request_type: str, behaviour: Behaviour) -> Behaviour:
+        """`behaviour`, or at once INVALID_ARGUMENT for bytes that did not parse, or
+        RESOURCE_EXHAUSTED beyond the calls in progress allowed (one layer: it is on every
+        call's path)."""
         limit = self._limits.max_calls
         busy = ResourceExhausted(
             "TOO_MANY_CALLS",
             f"the server is answering its limit of {limit} calls at once; retry shortly",
         )
+        malformed = _malformed(request_type)
 
         async def admitted(request: Any, context: AioContext) -> Any:
+            if request is MALFORMED:
+                raise aborted(malformed)
             if self._calls_in_progress >= limit:
                 raise aborted(busy)
             self._calls_in_progress += 1
