@@ -271,7 +271,14 @@ class KeyManagementService:
             action = Action.RESOLVE_DATA_KEY
             audit.key_name, audit.version = binding.key_name, binding.version
             if not caller.scope(Role.RESTORE).allows(binding.key_name):
-                raise _unknown_backup(backup_id, _out_of_scope(caller.name, binding.key_name))
+                # Answered as a backup without a binding would be, header and all.
+                action = Action.RECOVER_BINDING
+                cause = _out_of_scope(caller.name, binding.key_name)
+                try:
+                    self._check_recovery(caller, repo, backup_id, recovery, AuditContext())
+                except KmsError as error:
+                    raise _concealed(error, cause) from None
+                raise _concealed(_unknown_backup(backup_id), cause)
             return self._data_key_from_binding(repo, binding)
 
         return self._run(caller.name, action, audit, work, action_of=lambda: action)
@@ -524,6 +531,32 @@ class KeyManagementService:
         audit: AuditContext,
     ) -> DataKey:
         """Re-creates a lost binding from an archive header (database restored from a snapshot)."""
+        data_key = self._check_recovery(caller, repo, backup_id, ref, audit)
+        repo.add_binding(
+            BackupBindingRow(
+                backup_id=backup_id,
+                key_name=ref.key_name,
+                version=ref.version,
+                wrapped_data_key=ref.wrapped_data_key,
+                created_us=now_us(),
+                recovered=True,
+                created_by=caller.name,
+            )
+        )
+        audit.detail = "binding recovered from the archive header"
+        return DataKey(
+            backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
+        )
+
+    def _check_recovery(
+        self,
+        caller: Principal,
+        repo: Repository,
+        backup_id: str,
+        ref: BackupKeyReference,
+        audit: AuditContext,
+    ) -> bytes:
+        """The data key an archive header's reference unwraps to, or the refusal it gets."""
         model.check_key_name(ref.key_name)
         model.check_version(ref.version)
         audit.key_name, audit.version = ref.key_name, ref.version
@@ -552,21 +585,7 @@ class KeyManagementService:
                 f"the wrapped data key offered for backup {backup_id} was not issued for it "
                 f"under {ref.key_name} version {ref.version}",
             ) from None
-        repo.add_binding(
-            BackupBindingRow(
-                backup_id=backup_id,
-                key_name=ref.key_name,
-                version=ref.version,
-                wrapped_data_key=ref.wrapped_data_key,
-                created_us=now_us(),
-                recovered=True,
-                created_by=caller.name,
-            )
-        )
-        audit.detail = "binding recovered from the archive header"
-        return DataKey(
-            backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
-        )
+        return data_key
 
     async def _in_next_batch(self, request: _DataKeyRequest, check: Callable[[], None]) -> DataKey:
         """Checks the caller and the input here, then lets the group committer do the rest."""
@@ -728,6 +747,8 @@ class KeyManagementService:
             raise _unknown_backup(request.backup_id)
         audit.key_name, audit.version = binding.key_name, binding.version
         if not request.scope.allows(binding.key_name):
+            if request.recovery is not None:
+                raise _NeedsRecovery()  # answered as the recovery of an unknown backup is
             raise _unknown_backup(request.backup_id, _out_of_scope(request.actor, binding.key_name))
         return self._unwrap_bound(request.backup_id, binding, versions)
 
@@ -1013,6 +1034,13 @@ def _unknown_backup(backup_id: str, cause: str = "") -> NotFound:
         f"no key is bound to backup {backup_id}",
         audit_status="PERMISSION_DENIED" if cause else "",
         audit_detail=cause,
+    )
+
+
+def _concealed(error: KmsError, cause: str) -> KmsError:
+    """The same answer as `error`, audited as the scope denial it really is."""
+    return type(error)(
+        error.reason, error.message, audit_status="PERMISSION_DENIED", audit_detail=cause
     )
 
 

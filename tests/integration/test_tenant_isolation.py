@@ -171,6 +171,30 @@ def test_tenant_a_can_do_nothing_with_tenant_b_and_learns_nothing(
         message_of(nonexistent).replace(TENANT_A, "K").replace(" 99)", " N)")
     )
 
+    # A header offered with tenant B's bound backup id: answered as for an id never bound.
+    for reference in (
+        recovery,
+        made_up,
+        kms_pb2.BackupKeyReference(
+            key_name=TENANT_A, version=1, wrapped_data_key=header_b.wrapped_data_key
+        ),
+    ):
+        replies = []
+        for backup_id in (header_b.backup_id, never_made):
+            try:
+                restore_a.ResolveKeyForBackup(
+                    kms_pb2.ResolveKeyForBackupRequest(backup_id=backup_id, recovery=reference)
+                )
+            except grpc.RpcError as refusal:
+                replies.append(
+                    (
+                        code_of(refusal),
+                        reason_of(refusal),
+                        message_of(refusal).replace(backup_id, "ID"),
+                    )
+                )
+        assert len(replies) == 2 and replies[0] == replies[1], replies
+
     # Tenant A's backup token: tenant B's key and a key that does not exist look alike.
     backup_a = tenants.stub("backup-a")
     answers = []
