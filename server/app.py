@@ -115,7 +115,8 @@ class KmsServer:
 
 
 async def _end_streams(public_calls: PublicCalls) -> None:
-    await asyncio.sleep(STREAM_GOODBYE_SECONDS)  # lets watchers send NOT_SERVING first
+    if public_calls.in_progress:
+        await asyncio.sleep(STREAM_GOODBYE_SECONDS)  # lets watchers send NOT_SERVING first
     public_calls.stop_streams()
 
 
