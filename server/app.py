@@ -47,22 +47,19 @@ class StartupError(Exception):
 
 
 class HealthReport:
-    """The serving status, told to both health servicers: grpc.aio's on the main port (its
-    Watch streams hold no thread), the plain one on the --health-listen port."""
+    """The serving status, told to grpc.aio's health servicer (its Watch streams hold no
+    thread), which serves the main port and the --health-listen port."""
 
     def __init__(self, loop: EventLoopThread) -> None:
         self.aio = health_aio.HealthServicer()
-        self.plain = health.HealthServicer()
         self._loop = loop
 
     def set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         """From any thread but the event loop's."""
         for name in ("", SERVICE_NAME):
-            self.plain.set(name, status)
             self._loop.run(self.aio.set(name, status))
 
     def enter_graceful_shutdown(self) -> None:
-        self.plain.enter_graceful_shutdown()
         self._loop.run(self.aio.enter_graceful_shutdown())
 
 
@@ -76,7 +73,7 @@ class KmsServer:
     policy: PolicyHolder
     settings: ServerSettings
     probe: DatabaseProbe | None = None
-    health_server: grpc.Server | None = None
+    health_server: grpc.aio.Server | None = None
     tls: ReloadableTls | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
@@ -102,13 +99,13 @@ class KmsServer:
             # Watch streams have been told NOT_SERVING; they would never end by themselves.
             self.loop.run(_end_streams(self.public_calls))
         self.loop.run(self.server.stop(grace_seconds))
+        if self.health_server is not None:
+            self.loop.run(self.health_server.stop(0))
         if self.authenticator is not None:
             self.authenticator.flush()
         self.loop.stop()  # after the blocking calls still running in its executor
         if self.service is not None:
             self.service.close()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
         if self.metrics is not None:
             self.metrics.stop()
         self.engine.dispose()
@@ -237,7 +234,13 @@ def create_server(
         authenticator=authenticator,
     )
     if settings.health_listen:
-        running.health_server = _start_health_server(settings.health_listen, health_report.plain)
+        try:
+            running.health_server = loop.run(
+                _start_health_server(settings.health_listen, health_report.aio, pipeline)
+            )
+        except BaseException:
+            running.stop(0)
+            raise
     return running
 
 
@@ -259,15 +262,26 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
     )
 
 
-def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
-    """A plaintext loopback port serving only health, for probes that hold no certificate."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+async def _start_health_server(
+    listen: str, servicer: health_aio.HealthServicer, pipeline: Pipeline
+) -> grpc.aio.Server:
+    """A plaintext loopback port serving only health, for probes that hold no certificate.
+
+    On the event loop, through the same pipeline: its calls and Watch streams count
+    towards the same public caps and end at shutdown like the main port's.
+    """
+    server = PipelineServer(
+        grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]),
+        pipeline,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
-        server.add_insecure_port(listen)
+        port = server.add_insecure_port(listen)
     except RuntimeError as error:
         raise StartupError(f"cannot listen on {listen}: {error}") from None
-    server.start()
+    if port == 0:
+        raise StartupError(f"cannot listen on {listen}")
+    await server.start()
     return server
 
 

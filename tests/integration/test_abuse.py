@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -213,7 +214,7 @@ def _open_watches(channels: list[grpc.Channel], per_channel: int) -> tuple[list[
     for channel in channels:
         stub = health_pb2_grpc.HealthStub(channel)
         for _ in range(per_channel):
-            stream = stub.Watch(health_pb2.HealthCheckRequest())
+            stream = stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
             try:
                 first = next(stream)
             except grpc.RpcError as error:
@@ -316,3 +317,24 @@ def test_300_watch_streams_do_not_delay_an_admin_call_and_sigterm_ends_within_gr
             channel.close()
         server.close_channels()
         server.kill()
+
+
+def test_watch_streams_on_the_health_port_cannot_starve_its_probes(tmp_path: Path) -> None:
+    """The loopback --health-listen port once had two threads: two Watch streams and no probe
+    got an answer. Its streams now hold no thread and count towards the public caps."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        health_address = f"127.0.0.1:{probe.getsockname()[1]}"
+    kms = start_kms(tmp_path / "kms", health_listen=health_address)
+    channels = [_connection(health_address) for _ in range(3)]
+    try:
+        opened, refused = _open_watches(channels[:2], 5)
+        assert len(opened) == 8 and {reason_of(e) for e in refused} == {"PUBLIC_CALLS_LIMITED"}
+        reply = health_pb2_grpc.HealthStub(channels[2]).Check(
+            health_pb2.HealthCheckRequest(), timeout=5
+        )
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for channel in channels:
+            channel.close()
+        kms.close()
