@@ -86,7 +86,12 @@ def test_ten_thousand_bad_token_calls_add_a_bounded_number_of_audit_rows(tmp_pat
 
 
 def test_a_peer_over_the_limit_is_refused_at_once_with_a_reason(tmp_path: Path) -> None:
-    kms = start_kms(tmp_path / "kms", auth_failure_burst="2", auth_failures_per_minute="1")
+    kms = start_kms(
+        tmp_path / "kms",
+        auth_failure_burst="2",
+        auth_failures_per_minute="1",
+        metrics_listen="127.0.0.1:0",
+    )
     try:
         anonymous = kms.stub(None)
         for _ in range(2):
@@ -101,6 +106,22 @@ def test_a_peer_over_the_limit_is_refused_at_once_with_a_reason(tmp_path: Path) 
             "UNAUTHENTICATED_RATE_LIMITED",
         )
         assert "retry later" in message_of(error)
+        samples = scrape(kms)
+        assert (
+            metric(
+                samples,
+                "kms_denials_total",
+                code="RESOURCE_EXHAUSTED",
+                reason="UNAUTHENTICATED_RATE_LIMITED",
+            )
+            == 1
+        )
+        assert (
+            metric(
+                samples, "kms_denials_total", code="UNAUTHENTICATED", reason="CREDENTIALS_MISSING"
+            )
+            == 2
+        )
         kms.stub("admin").ListKeys(kms_pb2.ListKeysRequest())  # a valid token is never limited
     finally:
         kms.close()
