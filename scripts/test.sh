@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/install-venv.sh dev
+bash scripts/install-venv.sh dev,bench
 
 if [ -n "${KMS_TEST_DATABASE_URL:-}" ]; then
   echo "PostgreSQL tests: on (${KMS_TEST_DATABASE_URL%%@*}@...)"

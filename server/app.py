@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import _async as health_aio  # grpc_health.v1.health.aio, by its module
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine, select
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
-from server.api.auth import Authenticator, PolicyHolder
+from server.api.auth import Authenticator, AuthFailureLimits, PolicyHolder
 from server.api.methods import SERVICE_NAME
 from server.api.observability import CallLog, CallObserver, Metrics
-from server.api.pipeline import Pipeline, PipelineServer
+from server.api.pipeline import Limits, Pipeline, PipelineServer, PublicCalls
 from server.api.servicer import KeyManagementServicer
 from server.audit_file import AuditFile, AuditSinkError
 from server.config import ServerSettings
@@ -36,10 +38,30 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = 64 * 1024
 # The active-version gauge reads at most this many keys per scrape.
 MAX_KEYS_IN_METRICS = 10_000
+STREAM_GOODBYE_SECONDS = 0.1
+# Beyond both caps, room for calls refused at once (unknown or not allowed methods).
+SPARE_RPCS = 16
 
 
 class StartupError(Exception):
     """The server cannot start; the message says why and what to do."""
+
+
+class HealthReport:
+    """The serving status, told to grpc.aio's health servicer (its Watch streams hold no
+    thread), which serves the main port and the --health-listen port."""
+
+    def __init__(self, loop: EventLoopThread) -> None:
+        self.aio = health_aio.HealthServicer()
+        self._loop = loop
+
+    def set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        """From any thread but the event loop's."""
+        for name in ("", SERVICE_NAME):
+            self._loop.run(self.aio.set(name, status))
+
+    def enter_graceful_shutdown(self) -> None:
+        self._loop.run(self.aio.enter_graceful_shutdown())
 
 
 @dataclass
@@ -47,17 +69,19 @@ class KmsServer:
     server: grpc.aio.Server
     loop: EventLoopThread
     port: int
-    health: health.HealthServicer
+    health: HealthReport
     engine: Engine
     policy: PolicyHolder
     settings: ServerSettings
     probe: DatabaseProbe | None = None
-    health_server: grpc.Server | None = None
+    health_server: grpc.aio.Server | None = None
     tls: ReloadableTls | None = None
     metrics: Metrics | None = None
     metrics_port: int | None = None
     service: KeyManagementService | None = None
     audit_file: AuditFile | None = None
+    public_calls: PublicCalls | None = None
+    authenticator: Authenticator | None = None
 
     def reload(self) -> bool:
         """Reloads the policy file and the TLS certificates and reopens the audit file (SIGHUP);
@@ -75,17 +99,28 @@ class KmsServer:
         if self.probe is not None:
             self.probe.stop()
         self.health.enter_graceful_shutdown()
+        if self.public_calls is not None:
+            # Watch streams have been told NOT_SERVING; they would never end by themselves.
+            self.loop.run(_end_streams(self.public_calls))
         self.loop.run(self.server.stop(grace_seconds))
+        if self.health_server is not None:
+            self.loop.run(self.health_server.stop(0))
+        if self.authenticator is not None:
+            self.authenticator.flush()
         self.loop.stop()  # after the blocking calls still running in its executor
         if self.service is not None:
             self.service.close()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
         if self.metrics is not None:
             self.metrics.stop()
         if self.audit_file is not None:
             self.audit_file.close()
         self.engine.dispose()
+
+
+async def _end_streams(public_calls: PublicCalls) -> None:
+    if public_calls.in_progress:
+        await asyncio.sleep(STREAM_GOODBYE_SECONDS)  # lets watchers send NOT_SERVING first
+    public_calls.stop_streams()
 
 
 def open_database(settings: ServerSettings, *, upgrade: bool) -> Engine:
@@ -132,23 +167,37 @@ def create_server(
             on_unavailable=probe.check_now if probe is not None else None,
             audit_sink=audit_file,
             material_cache_seconds=settings.material_cache_seconds,
+            data_key_retry_window_seconds=settings.data_key_retry_window_seconds,
         )
         service.check_root_key()
         if settings.metrics_listen:
             metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees
         # the final status of every call), then authentication (server/api/pipeline.py).
-        server = PipelineServer(
-            loop.run(_aio_server(settings)),
-            Pipeline(
-                CallObserver(metrics, call_lines), Authenticator(policy, service.record_denial)
+        authenticator = Authenticator(
+            policy,
+            service.record_denial,
+            AuthFailureLimits(
+                burst=settings.auth_failure_burst,
+                per_minute=settings.auth_failures_per_minute,
+                summary_seconds=settings.auth_failure_summary_seconds,
             ),
         )
+        pipeline = Pipeline(
+            CallObserver(metrics, call_lines),
+            authenticator,
+            Limits(
+                max_calls=settings.max_concurrent_rpcs,
+                max_public_calls=settings.public_max_concurrent_rpcs,
+                max_public_calls_per_connection=settings.public_max_rpcs_per_connection,
+            ),
+        )
+        server = PipelineServer(loop.run(_aio_server(settings)), pipeline)
         kms_pb2_grpc.add_KeyManagementServiceServicer_to_server(
             KeyManagementServicer(service), server
         )
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_report = HealthReport(loop)
+        health_pb2_grpc.add_HealthServicer_to_server(health_report.aio, server)
         reflection.enable_server_reflection(
             (
                 kms_pb2.DESCRIPTOR.services_by_name["KeyManagementService"].full_name,
@@ -179,16 +228,15 @@ def create_server(
             audit_file.close()
         engine.dispose()
         raise
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_report.set(health_pb2.HealthCheckResponse.SERVING)
     if probe is not None:
         # NOT_SERVING while the database does not answer, SERVING again once it does.
-        probe.start(lambda serving: _report_database(health_servicer, serving))
+        probe.start(lambda serving: _report_database(health_report, serving))
     running = KmsServer(
         server,
         loop,
         port,
-        health_servicer,
+        health_report,
         engine,
         policy,
         settings,
@@ -198,9 +246,17 @@ def create_server(
         metrics_port=metrics_port,
         service=service,
         audit_file=audit_file,
+        public_calls=pipeline.public_calls,
+        authenticator=authenticator,
     )
     if settings.health_listen:
-        running.health_server = _start_health_server(settings.health_listen, health_servicer)
+        try:
+            running.health_server = loop.run(
+                _start_health_server(settings.health_listen, health_report.aio, pipeline)
+            )
+        except BaseException:
+            running.stop(0)
+            raise
     return running
 
 
@@ -214,31 +270,43 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
             initializer=name_os_thread,
         ),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
-        # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # The pipeline counts kms.v1 and public calls apart (server/api/pipeline.py), so
+        # health streams cannot take kms.v1's places; grpc's own cap only backs both up.
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+        + settings.public_max_concurrent_rpcs
+        + SPARE_RPCS,
     )
 
 
-def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
-    """A plaintext loopback port serving only health, for probes that hold no certificate."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+async def _start_health_server(
+    listen: str, servicer: health_aio.HealthServicer, pipeline: Pipeline
+) -> grpc.aio.Server:
+    """A plaintext loopback port serving only health, for probes that hold no certificate.
+
+    On the event loop, through the same pipeline: its calls and Watch streams count
+    towards the same public caps and end at shutdown like the main port's.
+    """
+    server = PipelineServer(
+        grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]),
+        pipeline,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
-        server.add_insecure_port(listen)
+        port = server.add_insecure_port(listen)
     except RuntimeError as error:
         raise StartupError(f"cannot listen on {listen}: {error}") from None
-    server.start()
+    if port == 0:
+        raise StartupError(f"cannot listen on {listen}")
+    await server.start()
     return server
 
 
-def _report_database(servicer: health.HealthServicer, serving: bool) -> None:
-    status = (
+def _report_database(report: HealthReport, serving: bool) -> None:
+    report.set(
         health_pb2.HealthCheckResponse.SERVING
         if serving
         else health_pb2.HealthCheckResponse.NOT_SERVING
     )
-    for name in ("", SERVICE_NAME):
-        servicer.set(name, status)
 
 
 def active_versions(engine: Engine) -> list[tuple[str, int]]:

@@ -47,6 +47,12 @@ class ServerSettings:
     process_index: int | None = None
     audit_file: Path | None = None
     material_cache_seconds: int = 60
+    data_key_retry_window_seconds: int = 900
+    auth_failure_burst: int = 10
+    auth_failures_per_minute: int = 60
+    auth_failure_summary_seconds: int = 60
+    public_max_concurrent_rpcs: int = 64
+    public_max_rpcs_per_connection: int = 4
 
     @property
     def uses_tls(self) -> bool:
@@ -124,6 +130,40 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "--material-cache-seconds",
         "KMS_MATERIAL_CACHE_SECONDS",
         "how long unwrapped version material may stay in memory, 0 to 60 (default 60)",
+    ),
+    (
+        "--data-key-retry-window",
+        "KMS_DATA_KEY_RETRY_WINDOW",
+        "seconds during which the principal that got a backup's data key may get it again "
+        "(a retry); after that, and for anyone else, BACKUP_ID_IN_USE (default 900)",
+    ),
+    (
+        "--auth-failure-burst",
+        "KMS_AUTH_FAILURE_BURST",
+        "calls failing authentication one peer address may make at once before it is "
+        "rate-limited (default 10)",
+    ),
+    (
+        "--auth-failures-per-minute",
+        "KMS_AUTH_FAILURES_PER_MINUTE",
+        "calls failing authentication one peer address may make per minute (default 60)",
+    ),
+    (
+        "--auth-failure-summary-seconds",
+        "KMS_AUTH_FAILURE_SUMMARY_SECONDS",
+        "rate-limited calls are audited as one summary event per peer per this many "
+        "seconds (default 60)",
+    ),
+    (
+        "--public-max-concurrent-rpcs",
+        "KMS_PUBLIC_MAX_CONCURRENT_RPCS",
+        "health and reflection calls and streams in progress at once, apart from "
+        "--max-concurrent-rpcs (default 64)",
+    ),
+    (
+        "--public-max-rpcs-per-connection",
+        "KMS_PUBLIC_MAX_RPCS_PER_CONNECTION",
+        "health and reflection calls and streams in progress on one connection (default 4)",
     ),
 ]
 _FLAGS = [
@@ -212,6 +252,22 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         audit_file=path("--audit-file", "KMS_AUDIT_FILE"),
         material_cache_seconds=_cache_seconds(
             value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
+        ),
+        data_key_retry_window_seconds=number(
+            "--data-key-retry-window", "KMS_DATA_KEY_RETRY_WINDOW", 900
+        ),
+        auth_failure_burst=number("--auth-failure-burst", "KMS_AUTH_FAILURE_BURST", 10),
+        auth_failures_per_minute=number(
+            "--auth-failures-per-minute", "KMS_AUTH_FAILURES_PER_MINUTE", 60
+        ),
+        auth_failure_summary_seconds=number(
+            "--auth-failure-summary-seconds", "KMS_AUTH_FAILURE_SUMMARY_SECONDS", 60
+        ),
+        public_max_concurrent_rpcs=number(
+            "--public-max-concurrent-rpcs", "KMS_PUBLIC_MAX_CONCURRENT_RPCS", 64
+        ),
+        public_max_rpcs_per_connection=number(
+            "--public-max-rpcs-per-connection", "KMS_PUBLIC_MAX_RPCS_PER_CONNECTION", 4
         ),
     )
     if settings.log_format not in ("json", "text"):

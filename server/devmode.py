@@ -27,9 +27,12 @@ def bootstrap(settings: ServerSettings) -> list[Path]:
             _write_private(token_file, secrets.token_urlsafe(32) + "\n")
         token = token_file.read_text().strip()
         token_files.append(token_file)
+        # Token only, and every key, said explicitly: a copy edited for production shows
+        # what each principal may do (a certificate with CN=dev-admin is no way in).
         lines.append(
-            f'\n[principals.dev-{role.value}]\nroles = ["{role.value}"]\n'
+            f'\n[principals.dev-{role.value}]\nauth = ["token"]\n'
             f'token_sha256 = ["{hash_token(token)}"]\n'
+            f'\n[[principals.dev-{role.value}.grants]]\nroles = ["{role.value}"]\nkeys = ["*"]\n'
         )
     if not settings.policy_file.exists():
         _write_private(settings.policy_file, "".join(lines))

@@ -1,8 +1,10 @@
 """Reloading the policy file and the TLS certificates without a restart (SIGHUP).
 
-Fail safe, not open: a file that cannot be read or parsed leaves what is in
-force untouched and logs an error. A new policy replaces the old one whole
-(readers never see half of one); new certificates are served to connections
+Fail safe, not open: a file that cannot be read, parsed or validated (or a
+policy with no principals) leaves what is in force untouched and logs an error.
+Replace the policy file atomically: write a new file, then rename it over the
+old. A new policy replaces the old one whole (readers never see half of one);
+new certificates are served to connections
 made after the reload, while established connections keep theirs.
 """
 
@@ -96,11 +98,25 @@ def _check_pair(chain: bytes, key: bytes, files: TlsFiles) -> None:
 
 
 def reload_policy(holder: PolicyHolder, path: Path) -> bool:
-    """Swaps in the policy file's current contents; keeps the old policy if it does not parse."""
+    """Swaps in the policy file's current contents; keeps the old policy if anything is wrong.
+
+    Never raises: this runs in the main thread of every server process, so an escaping
+    error would end them all on one bad SIGHUP.
+    """
     try:
         policy = Policy.load(path)
+        if not policy.principals:
+            # Most likely a file caught empty mid-write; either way it would lock everyone out.
+            raise PolicyError(f"{path} defines no principals, which would refuse every call")
     except PolicyError as error:
         log.error("policy not reloaded, the previous policy stays in force: %s", error)
+        return False
+    except Exception as error:  # a bug in the parser: still fail safe, and say so
+        log.error(
+            "policy not reloaded, the previous policy stays in force: unexpected %s",
+            type(error).__name__,
+            exc_info=True,
+        )
         return False
     holder.policy = policy
     log.info("policy reloaded from %s: %d principals", path, len(policy.principals))
@@ -112,6 +128,13 @@ def reload_tls(tls: ReloadableTls) -> bool:
         tls.reload()
     except TlsFilesError as error:
         log.error("certificates not reloaded, the previous ones stay in use: %s", error)
+        return False
+    except Exception as error:  # never let a reload end the process
+        log.error(
+            "certificates not reloaded, the previous ones stay in use: unexpected %s",
+            type(error).__name__,
+            exc_info=True,
+        )
         return False
     log.info("TLS certificates reloaded; new connections get them")
     return True

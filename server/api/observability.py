@@ -81,7 +81,8 @@ class Metrics:
         )
         self.denials = Counter(
             "kms_denials",
-            "Calls refused as UNAUTHENTICATED or PERMISSION_DENIED, by reason",
+            "Calls refused as UNAUTHENTICATED or PERMISSION_DENIED (or rate-limited for failing "
+            "authentication), by reason",
             ["code", "reason"],
             registry=self.registry,
         )
@@ -112,7 +113,9 @@ class Metrics:
         calls, latency = children
         calls.inc()
         latency.observe(seconds)
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) or (
+            reason == "UNAUTHENTICATED_RATE_LIMITED"  # refused unaudited: counted here
+        ):
             self.denials.labels(code.name, reason or "UNKNOWN").inc()
         elif code == grpc.StatusCode.DATA_LOSS:
             self.integrity_failures.labels(reason or "UNKNOWN").inc()

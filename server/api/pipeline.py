@@ -18,13 +18,23 @@ Deny by default: a method of a public service (health, reflection) is served
 without credentials; every other method must be a unary kms.v1 method listed in
 ACTION_BY_METHOD, or it is refused with PERMISSION_DENIED / METHOD_NOT_ALLOWED.
 A method that no handler knows gets UNIMPLEMENTED from grpc itself.
+
+Bytes that do not parse as the request never reach a servicer: they are
+INVALID_ARGUMENT / MALFORMED_REQUEST, logged and counted like any call, and
+nothing the protobuf runtime says about them reaches the caller.
+
+Limits, each answered RESOURCE_EXHAUSTED at once: kms.v1 calls in progress
+(--max-concurrent-rpcs), and apart from them the public calls and streams, in
+all and per connection, so no unauthenticated client can starve the others.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeAlias, cast
 
 import grpc
@@ -33,30 +43,276 @@ from server.api.auth import Authenticator
 from server.api.errors import CallAborted, aborted
 from server.api.methods import ACTION_BY_METHOD, PUBLIC_SERVICES
 from server.api.observability import Behaviour, CallObserver
-from server.domain.errors import PermissionDenied
+from server.domain.errors import InvalidArgument, PermissionDenied, ResourceExhausted
+
+log = logging.getLogger(__name__)
 
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"  # generic only to type checkers
 AioContext: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """Calls in progress at once: kms.v1 ones, and public (health, reflection) ones apart."""
+
+    max_calls: int = 256
+    max_public_calls: int = 64
+    max_public_calls_per_connection: int = 4
+
+
 class Pipeline:
-    def __init__(self, observer: CallObserver, authenticator: Authenticator) -> None:
+    def __init__(
+        self,
+        observer: CallObserver,
+        authenticator: Authenticator,
+        limits: Limits | None = None,
+    ) -> None:
         self._observer = observer
         self._authenticator = authenticator
+        self._limits = limits or Limits()
+        self._public = PublicCalls(self._limits)
+        # Only touched on the event loop: a plain count is enough.
+        self._calls_in_progress = 0
+
+    @property
+    def public_calls(self) -> PublicCalls:
+        return self._public
 
     def wrap(self, method: str, handler: Handler) -> Handler:
         """The handler that serves `method` (a full name, /package.Service/Method) in its place."""
         unary = handler.unary_unary
+        request_type = _request_type(handler)
         if method.startswith(PUBLIC_SERVICES):
             if unary is None:
-                return handler  # streaming (reflection, health Watch): as it is
-            return _unary(handler, self._observer.wrap(method, _on_loop(unary)))
+                return self._public.wrap_stream(handler, request_type)
+            limited = self._public.wrap_unary(_on_loop(unary))
+            return _unary(handler, self._observer.wrap(method, _parsed(request_type, limited)))
         action = ACTION_BY_METHOD.get(method)
         if action is None or unary is None:
             return _deny_all(self._observer, method, handler)
         authenticated = self._authenticator.wrap(action, _on_loop(unary))
-        return _unary(handler, self._observer.wrap(method, authenticated))
+        admitted = self._admitted(request_type, authenticated)
+        return _unary(handler, self._observer.wrap(method, admitted))
+
+    def _admitted(self, request_type: str, behaviour: Behaviour) -> Behaviour:
+        """`behaviour`, or at once INVALID_ARGUMENT for bytes that did not parse, or
+        RESOURCE_EXHAUSTED beyond the calls in progress allowed (one layer: it is on every
+        call's path)."""
+        limit = self._limits.max_calls
+        busy = ResourceExhausted(
+            "TOO_MANY_CALLS",
+            f"the server is answering its limit of {limit} calls at once; retry shortly",
+        )
+        malformed = _malformed(request_type)
+
+        async def admitted(request: Any, context: AioContext) -> Any:
+            if request is MALFORMED:
+                raise aborted(malformed)
+            if self._calls_in_progress >= limit:
+                raise aborted(busy)
+            self._calls_in_progress += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._calls_in_progress -= 1
+
+        return admitted
+
+
+class _Malformed:
+    """What bytes that do not parse as the request become: refused before any servicer."""
+
+    def __repr__(self) -> str:
+        return "<malformed request>"
+
+
+MALFORMED = _Malformed()
+
+
+def _request_type(handler: Handler) -> str:
+    """The request message's full name (kms.v1.GetActiveKeyRequest), for refusals."""
+    owner = getattr(handler.request_deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return str(getattr(descriptor, "full_name", "") or "request")
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The deserializer, answering MALFORMED where it would raise (grpc would send UNKNOWN
+    with the runtime's exception text, and log a traceback)."""
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return MALFORMED
+
+    return parse
+
+
+def _malformed(request_type: str) -> InvalidArgument:
+    return InvalidArgument(
+        "MALFORMED_REQUEST", f"the request does not parse as a {request_type} message"
+    )
+
+
+def _parsed(request_type: str, behaviour: Behaviour) -> Behaviour:
+    refusal = _malformed(request_type)
+
+    async def parsed(request: Any, context: AioContext) -> Any:
+        if request is MALFORMED:
+            raise aborted(refusal)
+        return await behaviour(request, context)
+
+    return parsed
+
+
+class PublicCalls:
+    """The health and reflection calls and streams in progress: capped in all and per
+    connection, and ended when the server stops (a Watch stream never ends by itself)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        self._total = 0
+        self._by_connection: dict[str, int] = {}
+        self._stopping: asyncio.Event | None = None
+
+    @property
+    def in_progress(self) -> int:
+        return self._total
+
+    def stop_streams(self) -> None:
+        """Ends every open stream (call on the event loop, at shutdown)."""
+        self._stopping_event().set()
+
+    def _stopping_event(self) -> asyncio.Event:
+        if self._stopping is None:
+            self._stopping = asyncio.Event()
+        return self._stopping
+
+    def _admit(self, connection: str) -> ResourceExhausted | None:
+        limits = self._limits
+        mine = self._by_connection.get(connection, 0)
+        if self._total >= limits.max_public_calls:
+            return _busy(f"{limits.max_public_calls} health and reflection calls are in progress")
+        if mine >= limits.max_public_calls_per_connection:
+            return _busy(
+                f"{limits.max_public_calls_per_connection} health and reflection calls are in "
+                "progress on this connection"
+            )
+        self._total += 1
+        self._by_connection[connection] = mine + 1
+        return None
+
+    def _release(self, connection: str) -> None:
+        self._total -= 1
+        left = self._by_connection[connection] - 1
+        if left:
+            self._by_connection[connection] = left
+        else:
+            del self._by_connection[connection]
+
+    def wrap_unary(self, behaviour: Behaviour) -> Behaviour:
+        async def limited(request: Any, context: AioContext) -> Any:
+            connection = context.peer()
+            refusal = self._admit(connection)
+            if refusal is not None:
+                raise aborted(refusal)
+            try:
+                return await behaviour(request, context)
+            finally:
+                self._release(connection)
+
+        return limited
+
+    def wrap_stream(self, handler: Handler, request_type: str) -> Handler:
+        """A streaming public method (health Watch, reflection), limited and stoppable."""
+        inner: Callable[[Any, AioContext], Any]
+        if handler.unary_stream is not None:
+            inner = cast(Callable[[Any, AioContext], Any], handler.unary_stream)
+            make = grpc.unary_stream_rpc_method_handler
+        elif handler.stream_stream is not None:
+            inner = cast(Callable[[Any, AioContext], Any], handler.stream_stream)
+            make = grpc.stream_stream_rpc_method_handler
+        else:
+            return handler
+        streaming_requests = handler.stream_stream is not None
+
+        async def admit(request: Any, context: AioContext) -> tuple[str, Any]:
+            connection = context.peer()
+            refusal = self._admit(connection)
+            if refusal is not None:
+                await _abort(context, refusal)
+            if streaming_requests:
+                return connection, _checked_requests(request, request_type, context)
+            if request is MALFORMED:
+                self._release(connection)
+                await _abort(context, _malformed(request_type))
+            return connection, request
+
+        async def yielding(request: Any, context: AioContext) -> AsyncIterator[Any]:
+            connection, request = await admit(request, context)
+            responses = inner(request, context)
+            try:
+                while True:
+                    step = asyncio.ensure_future(responses.__anext__())
+                    if not await self._before_stop(step):
+                        return
+                    try:
+                        yield step.result()
+                    except StopAsyncIteration:
+                        return
+            finally:
+                self._release(connection)
+                await responses.aclose()
+
+        async def writing(request: Any, context: AioContext) -> None:
+            # grpc.aio's health Watch: a coroutine that writes with context.write.
+            connection, request = await admit(request, context)
+            try:
+                await self._before_stop(asyncio.ensure_future(inner(request, context)))
+            finally:
+                self._release(connection)
+
+        return make(
+            yielding if inspect.isasyncgenfunction(inner) else writing,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _before_stop(self, work: asyncio.Future[Any]) -> bool:
+        """Waits for `work`; True once it is done, False (cancelled) if the server stops first.
+
+        Cancelled too when the call is (the client went away): nothing is left running.
+        """
+        stopping = asyncio.ensure_future(self._stopping_event().wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            return work.done()
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+
+
+async def _abort(context: AioContext, error: InvalidArgument | ResourceExhausted) -> None:
+    refusal = aborted(error)
+    await context.abort(refusal.code, refusal.details, refusal.trailing_metadata)
+
+
+def _busy(what: str) -> ResourceExhausted:
+    return ResourceExhausted("PUBLIC_CALLS_LIMITED", f"{what}, the most allowed; retry later")
+
+
+async def _checked_requests(
+    requests: AsyncIterator[Any], request_type: str, context: AioContext
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        if request is MALFORMED:
+            await _abort(context, _malformed(request_type))
+        yield request
 
 
 class BlockingContext:
@@ -190,7 +446,7 @@ class _WrappedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 def _unary(handler: Handler, behaviour: Behaviour) -> Handler:
     return grpc.unary_unary_rpc_method_handler(
         behaviour,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_tolerant(handler.request_deserializer),
         response_serializer=handler.response_serializer,
     )
 

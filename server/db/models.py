@@ -94,6 +94,11 @@ class BackupBindingRow(Base):
     wrapped_data_key: Mapped[bytes] = mapped_column(LargeBinary)
     created_us: Mapped[int] = mapped_column(BigInteger)
     recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The principal whose call made the binding: only it may get the data key again.
+    created_by: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    # MAC under the state key over who made it and when (server.domain.integrity); NULL
+    # only for bindings made before it existed, which have no principal either.
+    mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         ForeignKeyConstraint(

@@ -24,7 +24,7 @@ from server.db.models import (
     ServerMetaRow,
 )
 from server.domain.audit_chain import GENESIS_HASH, HASHED_FIELDS, event_hash
-from server.domain.integrity import AuditMac, SealedKey, SealedVersion, StateSeal
+from server.domain.integrity import AuditMac, SealedBinding, SealedKey, SealedVersion, StateSeal
 from server.domain.model import AuditEvent, AuditHead
 
 
@@ -194,6 +194,8 @@ class Repository(MetaStore):
         return self._session.get(BackupBindingRow, backup_id)
 
     def add_binding(self, row: BackupBindingRow) -> None:
+        """Adds a binding under its MAC (see `sealed_binding`)."""
+        row.mac = self._integrity.state.binding_mac(sealed_binding(row))
         self._session.add(row)
         self._session.flush()
 
@@ -258,9 +260,24 @@ class DataKeyStore:
         return [ActiveVersionFacts.from_row(row) for row in rows]
 
     def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
-        if bindings:
-            rows = [tuple(binding[column] for column in _BINDING_COLUMNS) for binding in bindings]
-            self._insert_rows("backup_bindings", _BINDING_COLUMNS, rows)
+        """Inserts bindings, each under its MAC (the columns of `_BINDING_COLUMNS` but `mac`)."""
+        if not bindings:
+            return
+        seal = self._integrity.state
+        rows = []
+        for binding in bindings:
+            mac = seal.binding_mac(
+                SealedBinding(
+                    binding["backup_id"],
+                    binding["key_name"],
+                    binding["version"],
+                    binding["created_by"],
+                    binding["created_us"],
+                    bool(binding["recovered"]),
+                )
+            )
+            rows.append((*(binding[column] for column in _BINDING_COLUMNS[:-1]), mac))
+        self._insert_rows("backup_bindings", _BINDING_COLUMNS, rows)
 
     def append_audit_events(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
         """Appends events after the current head, holding the head's row lock until commit.
@@ -314,6 +331,8 @@ _BINDING_COLUMNS = (
     "wrapped_data_key",
     "created_us",
     "recovered",
+    "created_by",
+    "mac",  # last: add_bindings computes it
 )
 
 
@@ -350,6 +369,7 @@ class _DriverSql:
     def bindings_by_id(self, count: int) -> str:
         return (
             "SELECT b.backup_id, b.key_name, b.version, b.wrapped_data_key,"
+            " b.created_by, b.created_us, b.recovered, b.mac,"
             f" {_VERSION_FACTS}"
             " FROM backup_bindings b JOIN key_versions v"
             " ON v.key_name = b.key_name AND v.version = b.version"
@@ -406,11 +426,26 @@ class BoundVersionFacts(NamedTuple):
     key_name: str
     version: int
     wrapped_data_key: bytes
+    created_by: str
+    created_us: int
+    recovered: bool
+    mac: str | None
     facts: VersionFacts
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> BoundVersionFacts:
-        return cls(row[0], row[1], row[2], row[3], VersionFacts(*row[4:]))
+        facts = VersionFacts(*row[8:])
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], facts)
+
+    def sealed(self) -> SealedBinding:
+        return SealedBinding(
+            self.backup_id,
+            self.key_name,
+            self.version,
+            self.created_by,
+            self.created_us,
+            bool(self.recovered),
+        )
 
 
 class ActiveVersionFacts(NamedTuple):
@@ -438,6 +473,17 @@ class ActiveVersionFacts(NamedTuple):
 def sealed_key(row: KeyRow) -> SealedKey:
     return SealedKey(row.name, row.active_version, row.last_version, row.created_us,
                      row.state_sequence)  # fmt: skip
+
+
+def sealed_binding(row: BackupBindingRow) -> SealedBinding:
+    return SealedBinding(
+        row.backup_id,
+        row.key_name,
+        row.version,
+        row.created_by,
+        row.created_us,
+        bool(row.recovered),
+    )
 
 
 def sealed_version(row: KeyVersionRow) -> SealedVersion:

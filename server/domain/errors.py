@@ -16,10 +16,16 @@ class KmsError(Exception):
     #: Denials are audited; faults of the server itself (database down) cannot be.
     audited: ClassVar[bool] = True
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(
+        self, reason: str, message: str, *, audit_status: str = "", audit_detail: str = ""
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        # What the audit log records: the real cause, where the caller is told less
+        # (an out-of-scope backup is answered exactly as an unknown one).
+        self.audit_status = audit_status or self.status_name
+        self.audit_detail = audit_detail or message
 
 
 class InvalidArgument(KmsError):

@@ -92,6 +92,23 @@ class SealedVersion:
     state_sequence: int | None
 
 
+@dataclass(frozen=True)
+class SealedBinding:
+    """What a `backup_bindings` row says beyond what its wrapped data key's associated data
+    binds (backup id, key, version): who made it and when, which decides who may get its
+    data key again (a retry)."""
+
+    backup_id: str
+    key_name: str
+    version: int
+    created_by: str
+    created_us: int
+    recovered: bool
+
+
+Sealed = SealedKey | SealedVersion | SealedBinding
+
+
 class StateSeal:
     """MACs of state rows, including the audit sequence of the event that last changed them,
     so `VerifyAuditLog` can match every row against the log."""
@@ -102,7 +119,7 @@ class StateSeal:
 
     def __init__(self, key: bytes | bytearray) -> None:
         self._key = key
-        self._verified: dict[str, SealedKey | SealedVersion] = {}
+        self._verified: dict[str, Sealed] = {}
 
     def __repr__(self) -> str:
         return "StateSeal(<hidden>)"
@@ -124,11 +141,29 @@ class StateSeal:
         )
         return hmac.digest(self._key, _encode("state/version", parts), _MAC_DIGEST).hex()
 
-    def check(self, row: SealedKey | SealedVersion, mac: str | None) -> None:
+    def binding_mac(self, row: SealedBinding) -> str:
+        parts = (
+            row.backup_id,
+            row.key_name,
+            row.version,
+            row.created_by,
+            row.created_us,
+            int(row.recovered),
+        )
+        return hmac.digest(self._key, _encode("state/binding", parts), _MAC_DIGEST).hex()
+
+    def mac(self, row: Sealed) -> str:
+        if isinstance(row, SealedKey):
+            return self.key_mac(row)
+        if isinstance(row, SealedVersion):
+            return self.version_mac(row)
+        return self.binding_mac(row)
+
+    def check(self, row: Sealed, mac: str | None) -> None:
         """Raises `IntegrityFailure` (DATA_LOSS / STATE_INTEGRITY) unless `mac` is the row's."""
         if mac is not None and self._verified.get(mac) == row:
             return
-        expected = self.key_mac(row) if isinstance(row, SealedKey) else self.version_mac(row)
+        expected = self.mac(row)
         if mac is None or not hmac.compare_digest(expected, mac):
             raise IntegrityFailure(
                 "STATE_INTEGRITY",
@@ -140,7 +175,9 @@ class StateSeal:
         self._verified[mac] = row
 
 
-def _describe(row: SealedKey | SealedVersion) -> str:
+def _describe(row: Sealed) -> str:
     if isinstance(row, SealedKey):
         return f"key {row.name}"
+    if isinstance(row, SealedBinding):
+        return f"the binding of backup {row.backup_id}"
     return f"{row.key_name} version {row.version}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.domain.errors import InvalidArgument
 
@@ -48,6 +48,8 @@ class Action(enum.StrEnum):
     READ_AUDIT_PUBLIC_KEY = "audit.public_key"
     # Written once, when the server's audit keys are made: the keyed chain starts here.
     START_KEYED_AUDIT = "audit.keyed_chain_start"
+    # One event per peer per interval for the calls refused unauthenticated beyond the limit.
+    UNAUTHENTICATED_SUMMARY = "auth.unauthenticated_summary"
 
 
 class VersionState(enum.StrEnum):
@@ -70,11 +72,41 @@ ANONYMOUS = "anonymous"
 
 
 @dataclass(frozen=True)
+class KeyScope:
+    """The keys a grant covers: exact names and `*` patterns, compiled once at policy load.
+
+    `allows` is a set lookup or one compiled match: it sits on the data-key path.
+    """
+
+    names: frozenset[str] = frozenset()
+    pattern: re.Pattern[str] | None = None
+    everything: bool = False
+
+    def allows(self, key_name: str) -> bool:
+        if self.everything or key_name in self.names:
+            return True
+        return self.pattern is not None and self.pattern.fullmatch(key_name) is not None
+
+
+EVERY_KEY = KeyScope(everything=True)
+NO_KEY = KeyScope()
+
+
+@dataclass(frozen=True)
 class Principal:
-    """An authenticated caller."""
+    """An authenticated caller: its roles, and for each role the keys it applies to."""
 
     name: str
     roles: frozenset[Role]
+    # Role -> scope. Without one, a role covers every key (callers built in code, tests).
+    scopes: dict[Role, KeyScope] | None = field(default=None, compare=False, hash=False)
+
+    def scope(self, role: Role) -> KeyScope:
+        if role not in self.roles:
+            return NO_KEY
+        if self.scopes is None:
+            return EVERY_KEY
+        return self.scopes.get(role, NO_KEY)
 
 
 @dataclass(frozen=True)

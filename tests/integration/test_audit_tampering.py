@@ -285,3 +285,19 @@ def test_a_tampered_row_is_logged_and_counted(
         assert any("STATE_INTEGRITY" in record.getMessage() for record in caplog.records)
     finally:
         kms.close()
+
+
+def test_rewriting_who_made_a_binding_hands_out_no_data_key(kms: RunningKms) -> None:
+    """A binding's creator decides who may get its data key again (a retry): an attacker who
+    makes it theirs, and fresh, in the database must get nothing."""
+    register(kms.stub("admin"), activate=True)
+    issue(kms.stub("backup"), "b-victim")
+    # Made by dev-backup (so its own retry is what the attacker borrows) and fresh forever.
+    with database(kms) as connection:
+        connection.execute(
+            text("UPDATE backup_bindings SET created_us = :now WHERE backup_id = :b"),
+            {"b": "b-victim", "now": 2**62},
+        )
+    error = expect_error(lambda: issue(kms.stub("backup"), "b-victim"), grpc.StatusCode.DATA_LOSS)
+    assert reason_of(error) == "STATE_INTEGRITY"
+    assert "binding of backup b-victim" in message_of(error)

@@ -16,7 +16,7 @@ from server.db.engine import make_engine, sqlite_url
 from server.db.repository import DataKeyStore, Integrity
 from server.domain.integrity import AuditMac, StateSeal
 
-BINDING = ("backup-1", "tenant", 1, b"sentinel-7f3a", 1, False)
+BINDING = ("backup-1", "tenant", 1, b"sentinel-7f3a", 1, False, "agent")
 INTEGRITY = Integrity(AuditMac(b"a" * 32), StateSeal(b"s" * 32))
 
 
@@ -63,7 +63,13 @@ def test_a_block_that_raises_rolls_back(engine: Engine) -> None:
 def test_a_batch_of_any_size_is_inserted_whole(engine: Engine) -> None:
     # 100 rows: multi-row INSERTs of 64, 32 and 4 rows, each row where it belongs.
     rows = [
-        dict(zip(COLUMNS, (f"backup-{n}", "tenant", 1, bytes([n]) * 60, n, False), strict=True))
+        dict(
+            zip(
+                COLUMNS,
+                (f"backup-{n}", "tenant", 1, bytes([n]) * 60, n, False, "agent"),
+                strict=True,
+            )
+        )
         for n in range(100)
     ]
     with driver_transaction(engine) as statements:
@@ -107,4 +113,12 @@ def test_a_lost_connection_is_invalidated_and_replaced(engine: Engine) -> None:
     assert pid != lost_pid
 
 
-COLUMNS = ("backup_id", "key_name", "version", "wrapped_data_key", "created_us", "recovered")
+COLUMNS = (
+    "backup_id",
+    "key_name",
+    "version",
+    "wrapped_data_key",
+    "created_us",
+    "recovered",
+    "created_by",
+)

@@ -31,6 +31,7 @@ from tests.integration.kms_helpers import (
     active_version,
     expect_error,
     issue,
+    reason_of,
     register,
     resolve,
     rotate,
@@ -215,8 +216,9 @@ def test_calls_beyond_the_concurrency_cap_are_refused_not_queued(tmp_path: Path)
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as caught:
             issue(backup, "second-backup")
-        # gRPC itself refuses it (so there is no ErrorInfo), before any of our code runs.
+        # The pipeline refuses it before authentication, let alone the database.
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_of(caught.value) == "TOO_MANY_CALLS"
         assert time.monotonic() - started < 1.0, "refused at once, not queued"
         worker.join(10)
         holder.join(10)

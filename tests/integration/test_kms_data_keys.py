@@ -261,8 +261,10 @@ def test_lost_binding_is_recovered_from_the_archive_header(kms: RunningKms) -> N
     # The binding is back: resolving needs no header any more, and is not a recovery.
     again = resolve(restore, "b1")
     assert (again.recovered, again.data_key) == (False, issued[1].data_key)
-    # and the backup id is bound again, to the same key.
-    assert issue(kms.stub("backup"), "b1").data_key == issued[1].data_key
+    # and the backup id is bound again: the backup role cannot reuse it (nor read its key).
+    expect_error(
+        lambda: issue(kms.stub("backup"), "b1"), grpc.StatusCode.ALREADY_EXISTS, "BACKUP_ID_IN_USE"
+    )
 
 
 def test_recovery_with_another_backups_wrapped_key_is_refused(kms: RunningKms) -> None:

@@ -224,8 +224,9 @@ def test_kms_server_process_logs_json_and_reloads_its_policy_on_sighup(tmp_path:
             assert list_keys() == grpc.StatusCode.UNAUTHENTICATED
             with (data_dir / "policy.toml").open("a") as policy:
                 policy.write(
-                    f'\n[principals.late-admin]\nroles = ["admin"]\n'
+                    f'\n[principals.late-admin]\nauth = ["token"]\n'
                     f'token_sha256 = ["{hash_token(token)}"]\n'
+                    '[[principals.late-admin.grants]]\nroles = ["admin"]\nkeys = ["*"]\n'
                 )
             process.send_signal(signal.SIGHUP)
             while list_keys() != grpc.StatusCode.OK:

@@ -2,7 +2,8 @@
 
 Certificates are made here with `cryptography.x509`: a CA, a server
 certificate for 127.0.0.1/localhost, client certificates whose common name
-is the principal. The dev-mode policy names principals dev-admin, dev-backup...
+is the principal. The dev-mode principals (dev-admin, dev-backup...) authenticate by
+token only; the fixture adds cert-admin and cert-backup, which use certificates.
 """
 
 from __future__ import annotations
@@ -148,6 +149,23 @@ class _WithToken:
         )
 
 
+CERTIFICATE_PRINCIPALS = """
+[principals.cert-admin]
+auth = ["certificate"]
+
+[[principals.cert-admin.grants]]
+roles = ["admin"]
+keys = ["*"]
+
+[principals.cert-backup]
+auth = ["certificate"]
+
+[[principals.cert-backup.grants]]
+roles = ["backup"]
+keys = ["*"]
+"""
+
+
 @pytest.fixture
 def tls_kms(tmp_path: Path) -> Iterator[TlsKms]:
     ca = make_ca("kms-test-clients-and-server-ca")
@@ -167,6 +185,9 @@ def tls_kms(tmp_path: Path) -> Iterator[TlsKms]:
         tls_client_ca=str(files["ca"]),
     )
     kms.address = f"127.0.0.1:{kms.server.port}"
+    policy_file = kms.data_dir / "policy.toml"
+    policy_file.write_text(policy_file.read_text() + CERTIFICATE_PRINCIPALS)
+    assert kms.server.reload()
     running = TlsKms(kms, ca, files, [])
     try:
         yield running
@@ -190,8 +211,8 @@ def _code(call: object) -> grpc.StatusCode:
 
 
 def test_a_mapped_client_certificate_gets_exactly_its_roles(tls_kms: TlsKms) -> None:
-    admin = tls_kms.stub(make_leaf(tls_kms.ca, "dev-admin"))
-    backup = tls_kms.stub(make_leaf(tls_kms.ca, "dev-backup"))
+    admin = tls_kms.stub(make_leaf(tls_kms.ca, "cert-admin"))
+    backup = tls_kms.stub(make_leaf(tls_kms.ca, "cert-backup"))
     _register(admin)
     issued = backup.GetActiveKey(
         kms_pb2.GetActiveKeyRequest(key_name=KEY, backup_id="tls-backup"), timeout=10
@@ -213,24 +234,39 @@ def test_a_certificate_without_a_mapped_principal_is_unauthenticated(tls_kms: Tl
     assert reason_of(caught.value) == "CERTIFICATE_NOT_MAPPED"
 
 
+def test_a_certificate_naming_a_token_only_principal_is_unauthenticated(
+    tls_kms: TlsKms,
+) -> None:
+    """The trusted CA signs CN=dev-admin: still no way in, dev-admin authenticates by token."""
+    impostor = tls_kms.stub(make_leaf(tls_kms.ca, "dev-admin"))
+    with pytest.raises(grpc.RpcError) as caught:
+        _register(impostor)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Exactly what an unmapped name gets: the answer does not say that dev-admin exists.
+    assert reason_of(caught.value) == "CERTIFICATE_NOT_MAPPED"
+    assert "dev-admin" in (caught.value.details() or "")  # the CN it was given, nothing more
+    # The same principal with its token, over the same TLS, is let in.
+    _register(tls_kms.stub(make_leaf(tls_kms.ca, "cert-backup"), token=tls_kms.kms.tokens["admin"]))
+
+
 @pytest.mark.parametrize("client", ["none", "other-ca", "expired"])
 def test_unacceptable_client_certificates_are_refused_at_the_handshake(
     tls_kms: TlsKms, client: str
 ) -> None:
     certificate = {
         "none": None,
-        "other-ca": make_leaf(make_ca("some-other-ca"), "dev-admin"),
-        "expired": make_leaf(tls_kms.ca, "dev-admin", expired=True),
+        "other-ca": make_leaf(make_ca("some-other-ca"), "cert-admin"),
+        "expired": make_leaf(tls_kms.ca, "cert-admin", expired=True),
     }[client]
     # A token does not help: without an acceptable certificate there is no connection at all.
     stub = tls_kms.stub(certificate, token=tls_kms.kms.tokens["admin"])
     assert _code(lambda: _register(stub)) == grpc.StatusCode.UNAVAILABLE
     # The server is unharmed.
-    _register(tls_kms.stub(make_leaf(tls_kms.ca, "dev-admin")))
+    _register(tls_kms.stub(make_leaf(tls_kms.ca, "cert-admin")))
 
 
 def test_a_rotated_server_certificate_is_served_after_reload(tls_kms: TlsKms) -> None:
-    client = make_leaf(tls_kms.ca, "dev-admin")
+    client = make_leaf(tls_kms.ca, "cert-admin")
     new_ca = make_ca("kms-test-new-server-ca")
     new_server = make_leaf(new_ca, "kms-server-2", server=True)
     tls_kms.files["cert"].write_bytes(new_server.cert_pem)
@@ -256,7 +292,7 @@ def test_unusable_certificate_files_are_not_reloaded(
     with caplog.at_level("ERROR"):
         assert not tls_kms.kms.server.reload()
     assert any("certificates not reloaded" in r.getMessage() for r in caplog.records)
-    _register(tls_kms.stub(make_leaf(tls_kms.ca, "dev-admin")))
+    _register(tls_kms.stub(make_leaf(tls_kms.ca, "cert-admin")))
 
 
 # Policy reload (over plaintext loopback: the policy is the same whatever the transport)
@@ -278,8 +314,9 @@ def test_policy_reload_adds_and_removes_tokens(
         policy_file = kms.data_dir / "policy.toml"
         original = policy_file.read_text()
         policy_file.write_text(
-            original + f'\n[principals.new-operator]\nroles = ["admin"]\n'
-            f'token_sha256 = ["{hash_token(new_token)}"]\n',
+            original + f'\n[principals.new-operator]\nauth = ["token"]\n'
+            f'token_sha256 = ["{hash_token(new_token)}"]\n'
+            '[[principals.new-operator.grants]]\nroles = ["admin"]\nkeys = ["*"]\n',
         )
         assert kms.server.reload()
         list_keys()

@@ -68,7 +68,15 @@ async def _new_server() -> grpc.aio.Server:
 @pytest.fixture
 def served() -> Iterator[Served]:
     policy = Policy.parse(
-        {"principals": {"agent": {"roles": ["backup"], "token_sha256": [hash_token(TOKEN)]}}}
+        {
+            "principals": {
+                "agent": {
+                    "auth": ["token"],
+                    "token_sha256": [hash_token(TOKEN)],
+                    "grants": [{"roles": ["backup"], "keys": ["*"]}],
+                }
+            }
+        }
     )
     loop = EventLoopThread(blocking_workers=4)
     grpc_server = loop.run(_new_server())
