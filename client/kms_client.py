@@ -251,15 +251,54 @@ def config_from_args(
         raise ConfigError("--cert and --tls-key (KMS_CERT, KMS_KEY) must be given together")
     if cert is not None and ca is None:
         raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
+    ca_pem = read_file_setting(Path(ca), "CA file", MAX_PEM_FILE_BYTES) if ca else None
+    cert_pem = read_file_setting(Path(cert), "certificate", MAX_PEM_FILE_BYTES) if cert else None
+    key_pem = read_file_setting(Path(key), "private key", MAX_PEM_FILE_BYTES) if key else None
+    check_pem(ca_pem, cert_pem, key_pem, values)
     return ClientConfig(
         addr=addr,
         token=token,
-        ca=read_file_setting(Path(ca), "CA file", MAX_PEM_FILE_BYTES) if ca else None,
-        cert=read_file_setting(Path(cert), "certificate", MAX_PEM_FILE_BYTES) if cert else None,
-        key=read_file_setting(Path(key), "private key", MAX_PEM_FILE_BYTES) if key else None,
+        ca=ca_pem,
+        cert=cert_pem,
+        key=key_pem,
         timeout=timeout,
         retries=int(retries_text),
     )
+
+
+def check_pem(
+    ca: bytes | None,
+    cert: bytes | None,
+    key: bytes | None,
+    names: Mapping[str, tuple[str | None, str]],
+) -> None:
+    """Checked here, so a mistake names the file instead of gRPC logging its own lines."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def certificates(data: bytes, attribute: str) -> list[x509.Certificate]:
+        path, name = names[attribute]
+        try:
+            return x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise ConfigError(f"{name} {path} holds no PEM certificate") from None
+
+    if ca is not None:
+        certificates(ca, "ca")
+    if cert is not None and key is not None:
+        first = certificates(cert, "cert")[0]
+        key_path, key_name = names["tls_key"]
+        try:
+            private = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{key_name} {key_path} holds no unencrypted PEM private key"
+            ) from None
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if first.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+            raise ConfigError(
+                f"the certificate {names['cert'][0]} does not belong to the private key {key_path}"
+            )
 
 
 def _seconds(raw: str, name: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from server.api.methods import SERVICE_NAME
 from server.api.observability import CallLog, CallObserver, Metrics
 from server.api.pipeline import Pipeline, PipelineServer
 from server.api.servicer import KeyManagementServicer
-from server.config import ServerSettings
+from server.config import ServerSettings, listen_host, listen_port
 from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine
@@ -147,11 +148,16 @@ def create_server(
         port, tls = _bind(server, settings)
         # A supervised process only records: its supervisor serves all processes' sum.
         serves_metrics = metrics is not None and settings.process_index is None
-        metrics_port = (
-            metrics.serve(settings.metrics_listen)
-            if metrics and serves_metrics and settings.metrics_listen
-            else None
-        )
+        try:
+            metrics_port = (
+                metrics.serve(settings.metrics_listen)
+                if metrics and serves_metrics and settings.metrics_listen
+                else None
+            )
+        except OSError as error:
+            raise StartupError(
+                f"--metrics-listen: cannot listen on {settings.metrics_listen}: {error.strerror}"
+            ) from None
         loop.run(server.start())
         name_grpc_poller()  # started by grpc.aio from the loop's thread, named after it
     except BaseException:
@@ -184,7 +190,13 @@ def create_server(
         service=service,
     )
     if settings.health_listen:
-        running.health_server = _start_health_server(settings.health_listen, health_servicer)
+        try:
+            running.health_server = _start_health_server(
+                settings.health_listen, health_servicer, shared=settings.process_index is not None
+            )
+        except StartupError:
+            running.stop(0)
+            raise
     return running
 
 
@@ -197,20 +209,34 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
             thread_name_prefix="kms-grpc-sync",
             initializer=name_os_thread,
         ),
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            # grpc sets SO_REUSEPORT by default, so a second server on a port in use would
+            # start and share it; only the processes of one --processes group may.
+            ("grpc.so_reuseport", 1 if settings.process_index is not None else 0),
+        ],
         # Beyond this many calls in progress, new ones get RESOURCE_EXHAUSTED at once.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
 
 
-def _start_health_server(listen: str, servicer: health.HealthServicer) -> grpc.Server:
-    """A plaintext loopback port serving only health, for probes that hold no certificate."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+def _start_health_server(
+    listen: str, servicer: health.HealthServicer, *, shared: bool
+) -> grpc.Server:
+    """A plaintext loopback port serving only health, for probes that hold no certificate.
+
+    `shared`: the processes of one --processes group all bind it (SO_REUSEPORT)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.so_reuseport", 1 if shared else 0)],
+    )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
-        server.add_insecure_port(listen)
+        port = server.add_insecure_port(listen)
     except RuntimeError as error:
-        raise StartupError(f"cannot listen on {listen}: {error}") from None
+        raise StartupError(f"--health-listen: cannot listen on {listen}: {error}") from None
+    if port == 0:
+        raise StartupError(f"--health-listen: cannot listen on {listen} (in use?)")
     server.start()
     return server
 
@@ -235,8 +261,30 @@ def active_versions(engine: Engine) -> list[tuple[str, int]]:
     return [(str(name), int(version or 0)) for name, version in rows]
 
 
+def refuse_port_in_use(host: str, port: int, listen: str) -> None:
+    """SO_REUSEPORT would let this group share a port another server already serves; a bind
+    without it fails while any socket holds the port (TIME_WAIT aside, with SO_REUSEADDR)."""
+    for family, kind, proto, _, where in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                raise StartupError(
+                    f"--listen: cannot listen on {listen}: {error.strerror} (another kms-server?)"
+                ) from None
+
+
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> tuple[int, ReloadableTls | None]:
     tls = None
+    port_wanted = listen_port(settings.listen)
+    if settings.process_index is None and port_wanted != 0:
+        # Said in our words before grpc tries (and logs its own lines about it).
+        refuse_port_in_use(listen_host(settings.listen), port_wanted, settings.listen)
     try:
         if settings.uses_tls:
             assert settings.tls_cert is not None and settings.tls_key is not None
@@ -252,5 +300,8 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> tuple[int, Reloa
     except (OSError, RuntimeError) as error:
         raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
     if port == 0:
-        raise StartupError(f"cannot listen on {settings.listen}")
+        raise StartupError(
+            f"--listen: cannot listen on {settings.listen}: the address is in use or not this "
+            "machine's (another kms-server? use another port, or --processes N to run several)"
+        )
     return port, tls

@@ -118,6 +118,7 @@ D = "--data-dir=DATA"  # replaced by the test's temporary directory
         ([D, "--insecure"], {"KMS_SHUTDOWN_GRACE_SECONDS": "soon"}, "KMS_SHUTDOWN_GRACE"),
         ([D, "--insecure", "--log-level", "verbose"], {}, "--log-level"),
         ([D, "--insecure", "--listen", "127.0.0.1"], {}, "host:port"),
+        ([D, "--insecure", "--listen", "127.0.0.1:99999"], {}, "from 0 to 65535"),
         ([D, "--insecure", "--listen", "127.0.0.1:http"], {}, "host:port"),
         ([D], {"KMS_INSECURE": "maybe"}, "KMS_INSECURE"),
         ([D], {"KMS_DEV": "2"}, "KMS_DEV"),
