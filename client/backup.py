@@ -36,6 +36,7 @@ from client.cli_common import (
     fsync_directory,
     remove_quietly,
     run_main,
+    utf8_text,
 )
 from client.kms_client import KmsClient, add_connection_args, config_from_args
 
@@ -62,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_connection_args(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="back up a file, a directory tree or stdin")
-    create.add_argument("--key", required=True, help="name of the key to encrypt under")
+    create.add_argument(
+        "--key", required=True, type=utf8_text, help="name of the key to encrypt under"
+    )
     create.add_argument("source", help="file, directory, or - for stdin")
     create.add_argument("-o", "--output", required=True, help="archive path, or - for stdout")
     create.add_argument("--force", action="store_true", help="overwrite an existing archive")

@@ -237,11 +237,13 @@ def config_from_args(
     token: str | None
     token_file, token_file_name = values["token_file"]
     if token_file is not None:
-        data = read_file_setting(Path(token_file), "token file", MAX_TOKEN_FILE_BYTES)
+        data = read_file_setting(
+            Path(token_file), f"token file ({token_file_name})", MAX_TOKEN_FILE_BYTES
+        )
         text = data.decode("ascii", errors="replace").strip()
         if not text:
             raise ConfigError(f"token file {token_file} is empty")
-        token = check_token(text, f"token file {token_file} ({token_file_name})")
+        token = check_token(text, f"token file ({token_file_name}) {token_file}")
     else:
         raw_token = env.get("KMS_TOKEN") or None
         token = check_token(raw_token.strip(), "KMS_TOKEN") if raw_token else None
@@ -251,9 +253,11 @@ def config_from_args(
         raise ConfigError("--cert and --tls-key (KMS_CERT, KMS_KEY) must be given together")
     if cert is not None and ca is None:
         raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
-    ca_pem = read_file_setting(Path(ca), "CA file", MAX_PEM_FILE_BYTES) if ca else None
-    cert_pem = read_file_setting(Path(cert), "certificate", MAX_PEM_FILE_BYTES) if cert else None
-    key_pem = read_file_setting(Path(key), "private key", MAX_PEM_FILE_BYTES) if key else None
+    def pem(attribute: str) -> bytes | None:
+        path, name = values[attribute]
+        return read_file_setting(Path(path), name, MAX_PEM_FILE_BYTES) if path else None
+
+    ca_pem, cert_pem, key_pem = pem("ca"), pem("cert"), pem("tls_key")
     check_pem(ca_pem, cert_pem, key_pem, values)
     return ClientConfig(
         addr=addr,
