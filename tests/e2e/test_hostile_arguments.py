@@ -232,7 +232,7 @@ def _run(case: Case, files: dict[str, str]) -> subprocess.CompletedProcess[bytes
         for variable in case.env:
             connection.pop(overridden.get(variable, ""), None)
         argv = [*(x for pair in connection.items() for x in pair), *argv]
-    env: dict[str | bytes, str | bytes] = {**child_environment()}
+    env: dict[str | bytes, str | bytes] = dict(child_environment().items())
     env.update({k: _resolve(v, files) for k, v in case.env.items()})
     return subprocess.run(
         [sys.executable, "-m", MODULES[case.program], *argv],
