@@ -32,6 +32,7 @@ from client.cli_common import (
     CliError,
     CliParser,
     add_version,
+    command_hint,
     common_defaults,
     fsync_directory,
     remove_quietly,
@@ -215,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(PROG, build_parser, run, argv)
+    return run_main(PROG, build_parser, run, argv, hint=command_hint)
 
 
 if __name__ == "__main__":

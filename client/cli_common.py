@@ -159,6 +159,26 @@ def describe_kms_error(error: KmsError) -> str:
     return f"{error.code.name}{reason}: {printable(error.message, limit=2000)}"
 
 
+HINTS: dict[str, str] = {
+    "NO_ACTIVE_VERSION": "make a version active: kmsctl rotate {key} VERSION "
+    "(kmsctl versions {key} lists them)",
+    "ACTIVATE_ONLY_FIRST_VERSION": "register without --activate, then: kmsctl rotate {key} VERSION",
+    "ACTIVE_VERSION_CHANGED": "see the active version with: kmsctl versions {key}",
+    "KEY_NOT_FOUND": "kmsctl keys lists the keys; kmsctl register {key} --activate creates one",
+    "KEY_VERSION_NOT_FOUND": "kmsctl versions {key} lists its versions",
+    "KEY_VERSION_DISABLED": "enable it with: kmsctl enable {key} VERSION",
+}
+
+
+def command_hint(error: KmsError, args: argparse.Namespace | None) -> str:
+    """A next step in commands, chosen by the error's reason (never by its text)."""
+    template = HINTS.get(error.reason)
+    if template is None:
+        return ""
+    key = getattr(args, "key_name", None) or getattr(args, "key", None) or "KEY"
+    return template.format(key=printable(str(key), 40))
+
+
 def print_error(prog: str, message: str) -> int:
     """Print `prog: error: message` to stderr; returns the failure exit code."""
     print(f"{prog}: error: {message}", file=sys.stderr)

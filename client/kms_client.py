@@ -253,6 +253,7 @@ def config_from_args(
         raise ConfigError("--cert and --tls-key (KMS_CERT, KMS_KEY) must be given together")
     if cert is not None and ca is None:
         raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
+
     def pem(attribute: str) -> bytes | None:
         path, name = values[attribute]
         return read_file_setting(Path(path), name, MAX_PEM_FILE_BYTES) if path else None

@@ -30,6 +30,7 @@ from client.cli_common import (
     CliParser,
     UsageError,
     add_version,
+    command_hint,
     common_defaults,
     emit_json,
     printable,
@@ -41,7 +42,6 @@ from client.cli_common import (
 from client.completion import SHELLS, completion_script
 from client.kms_client import (
     KmsClient,
-    KmsError,
     add_connection_args,
     config_from_args,
     read_file_setting,
@@ -470,26 +470,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-HINTS: dict[str, str] = {
-    "NO_ACTIVE_VERSION": "make a version active: kmsctl rotate {key} VERSION "
-    "(kmsctl versions {key} lists them)",
-    "ACTIVATE_ONLY_FIRST_VERSION": "register without --activate, then: kmsctl rotate {key} VERSION",
-    "ACTIVE_VERSION_CHANGED": "see the active version with: kmsctl versions {key}",
-    "KEY_NOT_FOUND": "kmsctl keys lists the keys; kmsctl register {key} --activate creates one",
-    "KEY_VERSION_NOT_FOUND": "kmsctl versions {key} lists its versions",
-    "KEY_VERSION_DISABLED": "enable it with: kmsctl enable {key} VERSION",
-}
-
-
-def hint(error: KmsError, args: argparse.Namespace | None) -> str:
-    """A next step in commands, chosen by the error's reason (never by its text)."""
-    template = HINTS.get(error.reason)
-    if template is None:
-        return ""
-    key = getattr(args, "key_name", None) or getattr(args, "key", None) or "KEY"
-    return template.format(key=cell(key))
-
-
 def run(args: argparse.Namespace) -> int:
     common_defaults(args, COMMON_DEFAULTS)
     if args.command == "completion":  # reached only with options before it
@@ -501,7 +481,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(PROG, build_parser, run, argv, hint=hint)
+    return run_main(PROG, build_parser, run, argv, hint=command_hint)
 
 
 if __name__ == "__main__":
