@@ -167,12 +167,19 @@ HINTS: dict[str, str] = {
     "KEY_NOT_FOUND": "kmsctl keys lists the keys; kmsctl register {key} --activate creates one",
     "KEY_VERSION_NOT_FOUND": "kmsctl versions {key} lists its versions",
     "KEY_VERSION_DISABLED": "enable it with: kmsctl enable {key} VERSION",
+    "CREDENTIALS_MISSING": "give a token: --token-file FILE or KMS_TOKEN_FILE",
+    "CREDENTIALS_INVALID": "the token is not in the server's policy file; check --token-file",
+}
+# For failures without a reason of the server's own (the connection never got that far).
+CODE_HINTS: dict[str, str] = {
+    "UNAVAILABLE": "is kms-server running at that address (--addr / KMS_ADDR)? "
+    "If it serves TLS, give --ca FILE",
 }
 
 
 def command_hint(error: KmsError, args: argparse.Namespace | None) -> str:
     """A next step in commands, chosen by the error's reason (never by its text)."""
-    template = HINTS.get(error.reason)
+    template = HINTS.get(error.reason) or CODE_HINTS.get(error.code.name)
     if template is None:
         return ""
     key = getattr(args, "key_name", None) or getattr(args, "key", None) or "KEY"
