@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args[0] if args[:1] and args[0] in SUBCOMMANDS else "serve"
     if command != "serve":
         args = args[1:]
+    settings: config.ServerSettings | None = None
     try:
         if command == "completion":
             return _completion(args)
@@ -83,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.load(parsed, os.environ)
         if command == "migrate":
             config.check_files(settings, migrating=True)
-            call_lines = _configure_logging(settings)
+            _configure_logging(settings)
             _protect_sqlite_files(settings)
             open_database(settings, upgrade=True).dispose()
             _protect_sqlite_files(settings)
@@ -96,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kms-server: {line}", file=sys.stderr)
         return EXIT_USAGE
     except SQLAlchemyError as error:
-        print(f"kms-server: {_database_problem(error, os.environ)}", file=sys.stderr)
+        url = settings.database_url if settings is not None else ""
+        print(f"kms-server: {_database_problem(error, url)}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as error:
         where = f"{error.filename}: " if error.filename else ""
@@ -125,11 +127,13 @@ def _completion(args: list[str]) -> int:
     return EXIT_OK
 
 
-def _database_problem(error: SQLAlchemyError, environ: Mapping[str, str]) -> str:
-    """One line: which database, and the driver's first line of why (never the password)."""
-    del environ
+def _database_problem(error: SQLAlchemyError, database_url: str) -> str:
+    """One line: the driver's first line of why, never the password."""
     cause = getattr(error, "orig", None) or error
     first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    password = make_url(database_url).password if database_url else None
+    if password:
+        first = first.replace(str(password), "***")
     return f"cannot use the database (--database-url / KMS_DATABASE_URL): {first}"
 
 

@@ -208,3 +208,14 @@ def test_file_settings_must_be_small_regular_files(tmp_path: Path) -> None:
     settings = parse("--data-dir", str(tmp_path), "--insecure", "--root-key-file", str(big))
     with pytest.raises(ConfigError, match="larger than"):
         config.check_files(settings)
+
+
+def test_database_errors_are_one_line_without_the_password() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from server.main import _database_problem
+
+    error = OperationalError("SELECT 1", {}, Exception("failed for s3cret-pw\nsecond line"))
+    text = _database_problem(error, "postgresql://kms:s3cret-pw@db/kms")
+    assert "s3cret-pw" not in text and "\n" not in text
+    assert text.startswith("cannot use the database (--database-url")
