@@ -20,13 +20,12 @@ from typing import Any, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.cli_common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, print_error
+from client.cli_common import EXIT_FAILURE, EXIT_OK, CliError, UsageError, emit_json, whole_number
 from client.kms_client import KmsClient
 from kms.v1 import kms_pb2
 from kms_audit import checkpoint as checkpoints
 from kms_audit import export as exports
 
-PROG = "kmsctl"
 # An export or checkpoint file is read whole only up to this size (a line at a time beyond).
 MAX_CHECKPOINT_BYTES = 64 * 1024
 MAX_PUBLIC_KEY_BYTES = 16 * 1024
@@ -113,7 +112,7 @@ def cmd_export(client: KmsClient, args: argparse.Namespace) -> int:
             closing = checkpoint_from_message(client.get_audit_checkpoint(last))
             out.write(exports.checkpoint_line(closing) + "\n")
     except _NothingToExport as nothing:
-        return print_error(PROG, str(nothing))
+        raise CliError(str(nothing), reason="NOTHING_TO_EXPORT") from None
     if args.output != "-":
         print(
             f"exported events {args.since + 1}..{last} with a checkpoint signed by "
@@ -131,7 +130,7 @@ class _NothingToExport(Exception):
 def cmd_public_key(client: KmsClient, args: argparse.Namespace) -> int:
     response = client.get_audit_public_key()
     if args.json:
-        print(json.dumps({"public_key_pem": response.public_key_pem, "key_id": response.key_id}))
+        emit_json({"public_key_pem": response.public_key_pem, "key_id": response.key_id})
     else:
         sys.stdout.write(response.public_key_pem)
     return EXIT_OK
@@ -139,21 +138,14 @@ def cmd_public_key(client: KmsClient, args: argparse.Namespace) -> int:
 
 def cmd_verify_export(args: argparse.Namespace) -> int:
     """Offline: no connection is made."""
-    try:
-        public_key = _public_key(args.public_key)
-        kept = _kept_checkpoint(args.checkpoint) if args.checkpoint is not None else None
-    except _Unreadable as error:
-        print_error(PROG, str(error))
-        return EXIT_USAGE
+    public_key = _public_key(args.public_key)
+    kept = _kept_checkpoint(args.checkpoint) if args.checkpoint is not None else None
     try:
         with _open_lines(args.file) as lines:
             summary = exports.verify_export(lines, public_key, kept)
-    except _Unreadable as error:
-        print_error(PROG, str(error))
-        return EXIT_USAGE
     except exports.ExportInvalid as error:
         if args.json:
-            print(json.dumps({"valid": False, "problem": str(error)}))
+            emit_json({"valid": False, "problem": str(error)})
         else:
             print(f"export INVALID: {error}")
         return EXIT_FAILURE
@@ -166,7 +158,7 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
         "extends_sequence": summary.extends.sequence if summary.extends else None,
     }
     if args.json:
-        print(json.dumps(report))
+        emit_json(report)
     else:
         extends = (
             f"; it extends the kept checkpoint of event {summary.extends.sequence}"
@@ -181,15 +173,11 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _Unreadable(Exception):
-    """A file named by an argument cannot be read; the message names the argument."""
-
-
 def _public_key(path: Path) -> Ed25519PublicKey:
     try:
         return checkpoints.load_public_key(_read_small(path, "--public-key", MAX_PUBLIC_KEY_BYTES))
     except checkpoints.CheckpointError as error:
-        raise _Unreadable(f"--public-key {path}: {error}") from None
+        raise UsageError(f"--public-key {path}: {error}") from None
 
 
 def _kept_checkpoint(path: Path) -> checkpoints.Checkpoint:
@@ -197,19 +185,19 @@ def _kept_checkpoint(path: Path) -> checkpoints.Checkpoint:
     try:
         return checkpoints.Checkpoint.from_json(json.loads(raw))
     except (checkpoints.CheckpointError, ValueError) as error:
-        raise _Unreadable(f"--checkpoint {path}: {error}") from None
+        raise UsageError(f"--checkpoint {path}: {error}") from None
 
 
 def _read_small(path: Path, argument: str, limit: int) -> bytes:
     try:
         if not path.is_file():
-            raise _Unreadable(f"{argument} {path}: not a regular file")
+            raise UsageError(f"{argument} {path}: not a regular file")
         with path.open("rb") as source:
             data = source.read(limit + 1)
     except OSError as error:
-        raise _Unreadable(f"{argument} {path}: {error.strerror}") from None
+        raise UsageError(f"{argument} {path}: {error.strerror}") from None
     if len(data) > limit:
-        raise _Unreadable(f"{argument} {path}: larger than {limit} bytes")
+        raise UsageError(f"{argument} {path}: larger than {limit} bytes")
     return data
 
 
@@ -217,10 +205,10 @@ def _read_small(path: Path, argument: str, limit: int) -> bytes:
 def _open_lines(path: Path) -> Any:
     try:
         if not path.is_file():
-            raise _Unreadable(f"FILE {path}: not a regular file")
+            raise UsageError(f"FILE {path}: not a regular file")
         source: TextIO = path.open("r", encoding="utf-8", errors="strict")
     except OSError as error:
-        raise _Unreadable(f"FILE {path}: {error.strerror}") from None
+        raise UsageError(f"FILE {path}: {error.strerror}") from None
     with source:
         try:
             yield _lines(source)
@@ -232,48 +220,36 @@ def _lines(source: TextIO) -> Iterable[str]:
     yield from source
 
 
-def add_commands(
-    audit_commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    common: argparse.ArgumentParser,
-    offline_common: argparse.ArgumentParser,
-) -> None:
-    checkpoint = audit_commands.add_parser(
-        "checkpoint", parents=[common], help="save a checkpoint of the log signed by the server"
-    )
-    checkpoint.add_argument("-o", "--output", required=True, metavar="FILE", help="'-': stdout")
-    checkpoint.add_argument(
-        "--sequence", type=_sequence, default=0, help="the event to sign (default: the newest)"
-    )
-    checkpoint.set_defaults(handler=cmd_checkpoint)
+sequence_number = whole_number(0, 2**63 - 1)
 
-    export = audit_commands.add_parser(
-        "export", parents=[common], help="write events as JSON Lines with a signed checkpoint"
-    )
-    export.add_argument("-o", "--output", required=True, metavar="FILE", help="'-': stdout")
-    export.add_argument(
-        "--since", type=_sequence, default=0, help="only events after this sequence number"
-    )
-    export.set_defaults(handler=cmd_export)
 
-    public_key = audit_commands.add_parser(
-        "public-key", parents=[common], help="print the audit signing key's public key (PEM)"
+def checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="'-': stdout")
+    parser.add_argument(
+        "--sequence",
+        type=sequence_number,
+        default=0,
+        metavar="SEQ",
+        help="the event to sign (default: the newest)",
     )
-    public_key.set_defaults(handler=cmd_public_key)
 
-    verify_export = audit_commands.add_parser(
-        "verify-export",
-        parents=[offline_common],
-        help="verify an export offline (no server): links, signature, and a kept checkpoint",
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, metavar="FILE", help="'-': stdout")
+    parser.add_argument(
+        "--since",
+        type=sequence_number,
+        default=0,
+        metavar="SEQ",
+        help="only events after sequence number SEQ",
     )
-    verify_export.add_argument("file", metavar="FILE", type=Path)
-    verify_export.add_argument("--public-key", required=True, type=Path, metavar="PEM")
-    verify_export.add_argument(
+
+
+def verify_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", type=Path, help="an export (kmsctl audit export)")
+    parser.add_argument(
+        "--public-key", required=True, type=Path, metavar="PEM", help="kmsctl audit public-key"
+    )
+    parser.add_argument(
         "--checkpoint", type=Path, metavar="OLD", help="a checkpoint kept from before"
     )
-    verify_export.set_defaults(offline_handler=cmd_verify_export)
-
-
-def _sequence(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) > 2**63 - 1:
-        raise argparse.ArgumentTypeError(f"must be a sequence number, not {text!r}")
-    return int(text)

@@ -29,18 +29,17 @@ from client.archive import (
 )
 from client.cli_common import (
     EXIT_OK,
-    describe_kms_error,
+    CliError,
+    CliParser,
+    add_version,
+    command_hint,
+    common_defaults,
     fsync_directory,
-    print_error,
     remove_quietly,
+    run_main,
+    utf8_text,
 )
-from client.kms_client import (
-    ConfigError,
-    KmsClient,
-    KmsError,
-    add_connection_args,
-    config_from_args,
-)
+from client.kms_client import KmsClient, add_connection_args, config_from_args
 
 PROG = "kms-backup"
 STDIO = "-"
@@ -58,14 +57,22 @@ class BackupResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Create encrypted backup archives.")
+    parser = CliParser(prog=PROG, description="Create encrypted backup archives.")
+    add_version(parser, PROG)
+    # Connection options and --json may come before or after the subcommand.
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="JSON")
+    add_connection_args(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     create = commands.add_parser("create", help="back up a file, a directory tree or stdin")
-    create.add_argument("--key", required=True, help="name of the key to encrypt under")
+    create.add_argument(
+        "--key", required=True, type=utf8_text, help="name of the key to encrypt under"
+    )
     create.add_argument("source", help="file, directory, or - for stdin")
     create.add_argument("-o", "--output", required=True, help="archive path, or - for stdout")
     create.add_argument("--force", action="store_true", help="overwrite an existing archive")
-    create.add_argument("--json", action="store_true", help="print the summary as JSON")
+    create.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print the summary as JSON"
+    )
     add_connection_args(create)
     return parser
 
@@ -193,26 +200,23 @@ def _is_tar_error(exc: BaseException) -> bool:
     return tarfile is not None and isinstance(exc, tarfile.TarError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    common_defaults(args, {"json": False})
     try:
-        config = config_from_args(args)
-        with KmsClient(config) as client:
+        with KmsClient(config_from_args(args)) as client:
             result = create_archive(client, args.key, args.source, args.output, force=args.force)
-    except KmsError as exc:
-        return print_error(PROG, f"GetActiveKey failed: {describe_kms_error(exc)}")
-    except (ConfigError, ValueError) as exc:
-        return print_error(PROG, str(exc))
-    except OSError as exc:
-        return print_error(
-            PROG, str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"
-        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:
         if not _is_tar_error(exc):
             raise
-        return print_error(PROG, f"cannot archive the tree: {exc}")
+        raise CliError(f"cannot archive the tree: {exc}") from None
     print_summary(result, as_json=args.json, to_stderr=args.output == STDIO)
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, build_parser, run, argv, hint=command_hint)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ exponential backoff on UNAVAILABLE; every `grpc.RpcError` becomes a `KmsError`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
+import re
+import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -67,85 +70,253 @@ class ClientConfig:
         )
 
 
+MAX_RETRIES = 10
+MAX_TIMEOUT_SECONDS = 86_400.0
+# Sizes far above any real token or PEM bundle, so /dev/zero cannot fill memory.
+MAX_TOKEN_FILE_BYTES = 4096
+MAX_PEM_FILE_BYTES = 1 << 20
+# A bearer token travels in gRPC metadata: visible ASCII only, one line.
+TOKEN_PATTERN = re.compile(r"[\x21-\x7e]{1,1024}")
+# gRPC target schemes passed through as they are (after the ASCII check).
+TARGET_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")
+
+# (option, attribute, environment variable, default); resolved in config_from_args, so a
+# bad environment variable is reported by name instead of failing while building --help.
+CONNECTION_SETTINGS = [
+    ("--addr", "addr", "KMS_ADDR", DEFAULT_ADDR),
+    ("--token-file", "token_file", "KMS_TOKEN_FILE", None),
+    ("--ca", "ca", "KMS_CA", None),
+    ("--cert", "cert", "KMS_CERT", None),
+    ("--tls-key", "tls_key", "KMS_KEY", None),
+    ("--timeout", "timeout", "KMS_TIMEOUT", str(DEFAULT_TIMEOUT)),
+    ("--retries", "retries", "KMS_RETRIES", str(DEFAULT_RETRIES)),
+]
+
+
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
-    """The options every program shares; defaults come from the KMS_* environment."""
+    """The options every program shares. Their defaults are SUPPRESSed, so a program may add
+    them both before and after its subcommand; `config_from_args` fills in the rest."""
     group = parser.add_argument_group("connection")
+    keep = argparse.SUPPRESS
     group.add_argument(
-        "--addr",
-        default=os.environ.get("KMS_ADDR", DEFAULT_ADDR),
-        help="server host:port (env KMS_ADDR; default %(default)s)",
-    )
+        "--addr", default=keep, metavar="HOST:PORT",
+        help=f"server address (env KMS_ADDR; default {DEFAULT_ADDR})",
+    )  # fmt: skip
     group.add_argument(
-        "--token-file",
-        type=Path,
-        default=os.environ.get("KMS_TOKEN_FILE"),
+        "--token-file", default=keep, metavar="FILE",
         help="file holding the bearer token (env KMS_TOKEN_FILE; or set KMS_TOKEN)",
+    )  # fmt: skip
+    group.add_argument(
+        "--ca", default=keep, metavar="FILE", help="CA bundle; enables TLS (env KMS_CA)"
     )
     group.add_argument(
-        "--ca",
-        type=Path,
-        default=os.environ.get("KMS_CA"),
-        help="CA bundle; enables TLS (env KMS_CA)",
+        "--cert", default=keep, metavar="FILE", help="client certificate (mTLS; env KMS_CERT)"
     )
     group.add_argument(
-        "--cert",
-        type=Path,
-        default=os.environ.get("KMS_CERT"),
-        help="client certificate (mTLS; env KMS_CERT)",
-    )
-    group.add_argument(
-        "--tls-key", dest="tls_key", type=Path, default=os.environ.get("KMS_KEY"),
+        "--tls-key", dest="tls_key", default=keep, metavar="FILE",
         help="client private key (mTLS; env KMS_KEY). Not --key: that names the KMS key",
     )  # fmt: skip
     group.add_argument(
-        "--timeout",
-        type=float,
-        default=float(os.environ.get("KMS_TIMEOUT", DEFAULT_TIMEOUT)),
-        help="deadline of each call in seconds (default %(default)s)",
-    )
+        "--timeout", default=keep, metavar="SECONDS",
+        help=f"deadline of each call (env KMS_TIMEOUT; default {DEFAULT_TIMEOUT:g}, "
+        f"at most {MAX_TIMEOUT_SECONDS:g})",
+    )  # fmt: skip
     group.add_argument(
-        "--retries",
-        type=int,
-        default=DEFAULT_RETRIES,
-        help="retries of safe calls while the server is unavailable (default %(default)s)",
-    )
+        "--retries", default=keep, metavar="N",
+        help=f"retries of safe calls while the server is unavailable (env KMS_RETRIES; "
+        f"default {DEFAULT_RETRIES}, at most {MAX_RETRIES})",
+    )  # fmt: skip
 
 
-def _read_file(path: Path, what: str) -> bytes:
+def _setting(
+    args: argparse.Namespace, environ: Mapping[str, str], option: str, attribute: str, env: str
+) -> tuple[str | None, str]:
+    """The raw value and the name to blame for it: the option if given, else the variable."""
+    given = getattr(args, attribute, None)
+    if given is not None:
+        return str(given), option
+    raw = environ.get(env)
+    return (raw if raw != "" else None), env
+
+
+def _text(raw: str, name: str) -> str:
     try:
-        return path.read_bytes()
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{name} is not valid UTF-8") from None
+    return raw
+
+
+def check_address(addr: str, name: str = "--addr") -> str:
+    """host:port with a port from 1 to 65535 (gRPC would wrap 99999), or a gRPC target."""
+    if not addr.strip():
+        raise ConfigError(f"{name} is empty; give host:port")
+    if not addr.isascii() or not addr.isprintable() or any(c.isspace() for c in addr):
+        raise ConfigError(f"{name} must be host:port in printable ASCII, not {addr!r}")
+    if addr.startswith(TARGET_SCHEMES) and not addr.startswith(("ipv4:", "ipv6:", "dns:")):
+        return addr
+    targets = [addr]
+    if addr.startswith(TARGET_SCHEMES):  # ipv4:a:1,b:2 and dns:///host:port
+        targets = addr.split(":", 1)[1].lstrip("/").split(",")
+    for target in targets:
+        host, sep, port = target.rpartition(":")
+        if (
+            not sep
+            or not host.strip("[]")
+            or not (port.isascii() and port.isdigit())
+            or not 1 <= int(port) <= 65535
+        ):
+            raise ConfigError(f"{name} must be host:port with a port from 1 to 65535, not {addr!r}")
+    return addr
+
+
+def check_token(token: str, where: str) -> str:
+    if TOKEN_PATTERN.fullmatch(token) is None:
+        raise ConfigError(
+            f"{where} must hold one bearer token: 1 to 1024 visible ASCII characters on one line"
+        )
+    return token
+
+
+def read_file_setting(path: Path, what: str, limit: int) -> bytes:
+    """A regular file of at most `limit` bytes (FIFOs and /dev/zero are refused, not read)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file")
+        data = b""
+        while len(data) <= limit:
+            chunk = os.read(fd, limit + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) > limit:
+            raise ConfigError(f"{what} {path} is larger than {limit} bytes")
+        return data
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
 
 
-def config_from_args(args: argparse.Namespace) -> ClientConfig:
-    """Build the config from `add_connection_args` options (token file wins over KMS_TOKEN)."""
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> ClientConfig:
+    """Build the config from `add_connection_args` options, then the KMS_* environment.
+
+    Every value is checked here, and a bad one names the option or variable it came from.
+    The token file wins over KMS_TOKEN.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, tuple[str | None, str]] = {
+        attribute: _setting(args, env, option, attribute, variable)
+        for option, attribute, variable, _ in CONNECTION_SETTINGS
+    }
+    for option, attribute, _, default in CONNECTION_SETTINGS:
+        if values[attribute][0] is None and default is not None:
+            values[attribute] = (default, option)
+    for raw, name in values.values():
+        if raw is not None:
+            _text(raw, name)
+
+    addr_raw, addr_name = values["addr"]
+    addr = check_address(addr_raw or "", addr_name)
+    timeout_raw, timeout_name = values["timeout"]
+    timeout = _seconds(timeout_raw or "", timeout_name)
+    retries_raw, retries_name = values["retries"]
+    retries_text = retries_raw or ""
+    if not (retries_text.isascii() and retries_text.isdigit()) or int(retries_text) > MAX_RETRIES:
+        raise ConfigError(
+            f"{retries_name} must be a whole number from 0 to {MAX_RETRIES}, not {retries_text!r}"
+        )
+
     token: str | None
-    if args.token_file is not None:
-        token = _read_file(Path(args.token_file), "token file").decode().strip()
-        if not token:
-            raise ConfigError(f"token file {args.token_file} is empty")
+    token_file, token_file_name = values["token_file"]
+    if token_file is not None:
+        data = read_file_setting(
+            Path(token_file), f"token file ({token_file_name})", MAX_TOKEN_FILE_BYTES
+        )
+        text = data.decode("ascii", errors="replace").strip()
+        if not text:
+            raise ConfigError(f"token file {token_file} is empty")
+        token = check_token(text, f"token file ({token_file_name}) {token_file}")
     else:
-        token = os.environ.get("KMS_TOKEN") or None
-    if (args.cert is None) != (args.tls_key is None):
-        raise ConfigError("--cert and --tls-key must be given together")
-    if args.cert is not None and args.ca is None:
+        raw_token = env.get("KMS_TOKEN") or None
+        token = check_token(raw_token.strip(), "KMS_TOKEN") if raw_token else None
+
+    ca, cert, key = values["ca"][0], values["cert"][0], values["tls_key"][0]
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --tls-key (KMS_CERT, KMS_KEY) must be given together")
+    if cert is not None and ca is None:
         raise ConfigError("--cert/--tls-key need --ca: client certificates only work over TLS")
-    if not args.addr.strip():
-        raise ConfigError("the server address is empty (check --addr / KMS_ADDR)")
-    if args.timeout <= 0:
-        raise ConfigError("--timeout must be positive")
-    if args.retries < 0:
-        raise ConfigError("--retries must not be negative")
+
+    def pem(attribute: str) -> bytes | None:
+        path, name = values[attribute]
+        return read_file_setting(Path(path), name, MAX_PEM_FILE_BYTES) if path else None
+
+    ca_pem, cert_pem, key_pem = pem("ca"), pem("cert"), pem("tls_key")
+    check_pem(ca_pem, cert_pem, key_pem, values)
     return ClientConfig(
-        addr=args.addr,
+        addr=addr,
         token=token,
-        ca=_read_file(Path(args.ca), "CA file") if args.ca is not None else None,
-        cert=_read_file(Path(args.cert), "certificate") if args.cert is not None else None,
-        key=_read_file(Path(args.tls_key), "private key") if args.tls_key is not None else None,
-        timeout=args.timeout,
-        retries=args.retries,
+        ca=ca_pem,
+        cert=cert_pem,
+        key=key_pem,
+        timeout=timeout,
+        retries=int(retries_text),
     )
+
+
+def check_pem(
+    ca: bytes | None,
+    cert: bytes | None,
+    key: bytes | None,
+    names: Mapping[str, tuple[str | None, str]],
+) -> None:
+    """Checked here, so a mistake names the file instead of gRPC logging its own lines."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def certificates(data: bytes, attribute: str) -> list[x509.Certificate]:
+        path, name = names[attribute]
+        try:
+            return x509.load_pem_x509_certificates(data)
+        except ValueError:
+            raise ConfigError(f"{name} {path} holds no PEM certificate") from None
+
+    if ca is not None:
+        certificates(ca, "ca")
+    if cert is not None and key is not None:
+        first = certificates(cert, "cert")[0]
+        key_path, key_name = names["tls_key"]
+        try:
+            private = serialization.load_pem_private_key(key, password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"{key_name} {key_path} holds no unencrypted PEM private key"
+            ) from None
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if first.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+            raise ConfigError(
+                f"the certificate {names['cert'][0]} does not belong to the private key {key_path}"
+            )
+
+
+def _seconds(raw: str, name: str) -> float:
+    try:
+        value = float(raw) if raw.isascii() else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 < value <= MAX_TIMEOUT_SECONDS:
+        raise ConfigError(
+            f"{name} must be a number of seconds above 0 and at most {MAX_TIMEOUT_SECONDS:g}, "
+            f"not {raw!r}"
+        )
+    return value
 
 
 def _error_from_rpc(error: grpc.RpcError) -> KmsError:
@@ -304,8 +475,12 @@ class KmsClient:
     def iter_audit_events(
         self, *, key_name: str = "", page_size: int = 0, after_sequence: int = 0
     ) -> Iterator[kms_pb2.AuditEvent]:
-        """Events in sequence order, from the one after `after_sequence`."""
-        page_token = str(after_sequence) if after_sequence else ""
+        """Events in sequence order, those after `after_sequence` only.
+
+        A page token is the last sequence of the previous page as a decimal string
+        (server/domain/model.check_page_token), so starting after a sequence is one.
+        """
+        page_token = str(after_sequence) if after_sequence > 0 else ""
         while True:
             request = kms_pb2.ListAuditEventsRequest(
                 page_size=page_size, page_token=page_token, key_name=key_name

@@ -1,42 +1,106 @@
 """kmsctl: administer keys and read the audit log.
 
-Human tables by default, `--json` for scripts. Server errors print the status
-code name, reason and message to stderr and exit 1; usage errors exit 2.
+Human tables by default, `--json` for scripts (only JSON on stdout, integers as
+numbers, errors as JSON on stderr). Exit codes: 0 success, 1 the operation
+failed, 2 a usage or configuration error, 130 interrupted (docs/cli.md).
+
+Every subcommand is one row of COMMANDS: a path, its help, a function adding its
+arguments and its handler. A new subcommand is a new row.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import collections
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from client import audit_tools
-from client.cli_common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_kms_error, print_error
+from client.cli_common import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CliError,
+    CliParser,
+    UsageError,
+    add_version,
+    command_hint,
+    common_defaults,
+    emit_json,
+    printable,
+    reason_text,
+    run_main,
+    utf8_text,
+    whole_number,
+)
+from client.completion import SHELLS, completion_script
 from client.kms_client import (
-    ConfigError,
     KmsClient,
-    KmsError,
     add_connection_args,
     config_from_args,
+    read_file_setting,
 )
 from kms.v1 import kms_pb2
 
 PROG = "kmsctl"
 IMPORTED_KEY_SIZE = 32
+MAX_VERSION = 2**31 - 1
+MAX_SEQUENCE = 2**63 - 1
+DEFAULT_AUDIT_LIMIT = 50
+MAX_AUDIT_LIMIT = 1_000_000
+# The widest a table cell gets; longer values (a 129-character invalid key name) end in "…".
+MAX_CELL = 40
+MAX_DETAIL_CELL = 120
+_64_BIT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+version_number = whole_number(1, MAX_VERSION)
+expected_version = whole_number(0, MAX_VERSION)
+audit_limit = whole_number(1, MAX_AUDIT_LIMIT)
+sequence_number = whole_number(0, MAX_SEQUENCE)
 
 
 def to_json(message: Message) -> dict[str, Any]:
-    # Field names as in the proto, enum names rather than numbers, zeros kept.
-    return MessageToDict(
+    """Field names as in the proto, enum names, zeros kept, and 64-bit integers as numbers
+    (protobuf's JSON mapping writes them as strings)."""
+    document = MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
+    _numbers(message, document)
+    return document
+
+
+def _numbers(message: Message, document: dict[str, Any]) -> None:
+    for field in message.DESCRIPTOR.fields:
+        if field.name not in document:
+            continue
+        value: Any = getattr(message, field.name)
+        shown = document[field.name]
+        if field.type in _64_BIT_TYPES:
+            document[field.name] = (
+                [int(v) for v in shown] if isinstance(shown, list) else int(shown)
+            )
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if isinstance(shown, list):
+                for item, sub in zip(value, shown, strict=False):
+                    if isinstance(sub, dict):
+                        _numbers(item, sub)
+            elif isinstance(shown, dict) and isinstance(value, Message):
+                _numbers(value, shown)
 
 
 def when(timestamp: Timestamp, present: bool = True) -> str:
@@ -45,12 +109,17 @@ def when(timestamp: Timestamp, present: bool = True) -> str:
     return timestamp.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+def cell(value: object, limit: int = MAX_CELL) -> str:
+    """A value as a table cell: escaped, so nothing in it can forge or widen the table."""
+    return printable(str(value), limit)
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    cells = [list(headers), *[list(row) for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
         print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
         )
 
 
@@ -60,14 +129,14 @@ def state_name(state: int) -> str:
 
 def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> None:
     if as_json:
-        print(json.dumps([to_json(v) for v in versions], indent=2))
+        emit_json([to_json(v) for v in versions])
         return
     print_table(
         ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROYED"],
         [
             [
-                v.key_name,
-                v.version,
+                cell(v.key_name),
+                str(v.version),
                 state_name(v.state),
                 "*" if v.active else "",
                 kms_pb2.KeyVersionOrigin.Name(v.origin).removeprefix("KEY_VERSION_ORIGIN_").lower(),
@@ -79,19 +148,30 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
     )
 
 
+# -- handlers ------------------------------------------------------------------------------
+
+
 def cmd_register(client: KmsClient, args: argparse.Namespace) -> int:
     material = b""
     if args.import_file is not None:
-        material = Path(args.import_file).read_bytes()
+        # Bounded: a FIFO or /dev/zero is refused, not read without end.
+        material = read_file_setting(Path(args.import_file), "--import-file", 4096)
         if len(material) != IMPORTED_KEY_SIZE:
             # The length is safe to say; the material itself never is.
-            return print_error(
-                PROG, f"{args.import_file} must hold exactly 32 bytes, it holds {len(material)}"
+            raise UsageError(
+                f"--import-file {args.import_file} must hold exactly {IMPORTED_KEY_SIZE} bytes, "
+                f"it holds {len(material)}"
             )
     version = client.register_key_version(
         args.key_name, imported_material=material, activate=args.activate
     )
     print_versions([version], args.json)
+    if not args.json and not version.active:
+        print(
+            f"version {version.version} is not active; make it so with: "
+            f"kmsctl rotate {cell(args.key_name)} {version.version}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -100,11 +180,12 @@ def cmd_rotate(client: KmsClient, args: argparse.Namespace) -> int:
         args.key_name, args.version, expected_active_version=args.expect, reason=args.reason
     )
     if args.json:
-        print(json.dumps(to_json(response), indent=2))
+        emit_json(to_json(response))
     else:
+        before = f"version {response.from_version}" if response.from_version else "no version"
         print(
-            f"{args.key_name}: active version {response.from_version} -> {response.to_version} "
-            f"(audit event {response.audit_sequence})"
+            f"{cell(args.key_name)}: active version is now {response.to_version} "
+            f"(was {before}; audit event {response.audit_sequence})"
         )
     return EXIT_OK
 
@@ -117,29 +198,44 @@ def cmd_versions(client: KmsClient, args: argparse.Namespace) -> int:
 def cmd_keys(client: KmsClient, args: argparse.Namespace) -> int:
     keys = list(client.iter_keys())
     if args.json:
-        print(json.dumps([to_json(k) for k in keys], indent=2))
+        emit_json([to_json(k) for k in keys])
         return EXIT_OK
     print_table(
         ["KEY", "ACTIVE", "VERSIONS", "CREATED"],
-        [[k.name, k.active_version or "-", k.version_count, when(k.create_time)] for k in keys],
+        [
+            [cell(k.name), str(k.active_version or "-"), str(k.version_count), when(k.create_time)]
+            for k in keys
+        ],
     )
     return EXIT_OK
 
 
-def confirm_destroy(args: argparse.Namespace) -> bool:
+def confirm_destroy(client: KmsClient, args: argparse.Namespace) -> None:
+    """Checks the version exists and may be destroyed before asking anything."""
+    current = client.get_key_version(args.key_name, args.version)
+    name = cell(args.key_name)
+    if current.active:
+        raise CliError(
+            f"{name} version {args.version} is the active version and cannot be destroyed; "
+            f"make another one active first: kmsctl rotate {name} VERSION",
+            reason="KEY_VERSION_ACTIVE",
+        )
+    if current.state == kms_pb2.KEY_VERSION_STATE_DESTROYED:
+        raise CliError(
+            f"{name} version {args.version} is already destroyed", reason="KEY_VERSION_DESTROYED"
+        )
     if args.yes:
-        return True
+        return
     if not sys.stdin.isatty():
-        print_error(PROG, "destroy is irreversible: pass --yes when not on a terminal")
-        return False
+        raise UsageError(
+            "destroy is irreversible: pass --yes when not on a terminal", reason="NOT_CONFIRMED"
+        )
     answer = input(
-        f"Destroy {args.key_name} version {args.version}? Backups bound to it can never be "
+        f"Destroy {name} version {args.version}? Backups bound to it can never be "
         f"restored again. Type the key name to confirm: "
     )
-    confirmed: bool = answer.strip() == args.key_name
-    if not confirmed:
-        print("not destroyed", file=sys.stderr)
-    return confirmed
+    if answer.strip() != args.key_name:
+        raise CliError("not destroyed: the answer was not the key name", reason="NOT_CONFIRMED")
 
 
 def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
@@ -148,36 +244,39 @@ def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
         "enable": client.enable_key_version,
         "destroy": client.destroy_key_version,
     }
-    if args.command == "destroy" and not confirm_destroy(args):
-        return EXIT_FAILURE
+    if args.command == "destroy":
+        confirm_destroy(client, args)
     version = change[args.command](args.key_name, args.version, reason=args.reason)
     print_versions([version], args.json)
     return EXIT_OK
 
 
 def cmd_audit_list(client: KmsClient, args: argparse.Namespace) -> int:
-    events: list[kms_pb2.AuditEvent] = []
-    for event in client.iter_audit_events(key_name=args.key or ""):
-        if args.limit is not None and len(events) >= args.limit:
-            break
-        events.append(event)
+    # The server pages oldest first; keeping the last `limit` matches gives the newest.
+    newest: collections.deque[kms_pb2.AuditEvent] = collections.deque(maxlen=args.limit)
+    for event in client.iter_audit_events(
+        key_name=args.key or "", page_size=1000, after_sequence=args.since
+    ):
+        if args.action is None or event.action == args.action:
+            newest.append(event)
+    events = list(reversed(newest))
     if args.json:
-        print(json.dumps([to_json(e) for e in events], indent=2))
+        emit_json([to_json(e) for e in events])
         return EXIT_OK
     print_table(
         ["SEQ", "TIME", "ACTOR", "ACTION", "OUTCOME", "STATUS", "KEY", "VER", "BACKUP", "DETAIL"],
         [
             [
-                e.sequence,
+                str(e.sequence),
                 when(e.time),
-                e.actor,
-                e.action,
+                cell(e.actor),
+                cell(e.action),
                 kms_pb2.AuditOutcome.Name(e.outcome).removeprefix("AUDIT_OUTCOME_").lower(),
-                e.status_code,
-                e.key_name or "-",
+                cell(e.status_code),
+                cell(e.key_name or "-"),
                 _audit_versions(e),
-                e.backup_id or "-",
-                "; ".join(part for part in (e.reason, e.detail) if part),
+                cell(e.backup_id or "-"),
+                cell("; ".join(part for part in (e.reason, e.detail) if part), MAX_DETAIL_CELL),
             ]
             for e in events
         ],
@@ -195,122 +294,225 @@ def _audit_versions(event: kms_pb2.AuditEvent) -> str:
 def cmd_audit_verify(client: KmsClient, args: argparse.Namespace) -> int:
     result = client.verify_audit_log()
     if args.json:
-        print(json.dumps(to_json(result), indent=2))
+        emit_json(to_json(result))
     elif result.intact:
         print(f"audit log intact: {result.events_checked} events, head {result.head_hash}")
     else:
         print(
-            f"audit log BROKEN at event {result.first_broken_sequence}: {result.problem} "
-            f"({result.events_checked} events checked)"
+            f"audit log BROKEN at event {result.first_broken_sequence}: "
+            f"{printable(result.problem, 400)} ({result.events_checked} events checked)"
         )
     return EXIT_OK if result.intact else EXIT_FAILURE
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+# -- the command table ---------------------------------------------------------------------
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
+def _key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key_name", metavar="KEY", type=utf8_text, help="the key's name")
+
+
+def _version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "version", metavar="VERSION", type=version_number, help=f"1 to {MAX_VERSION}"
+    )
+
+
+def _reason(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reason",
+        default="",
+        type=reason_text,
+        help="why, for the audit log (at most 1024 characters, no control characters)",
+    )
+
+
+def _register_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    parser.add_argument(
+        "--activate", action="store_true", help="make it active (a key's first version only)"
+    )
+    parser.add_argument(
+        "--import-file", metavar="FILE", help="import exactly 32 bytes of material from FILE"
+    )
+
+
+def _rotate_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    _version(parser)
+    parser.add_argument(
+        "--expect",
+        type=expected_version,
+        metavar="VERSION",
+        help="only if this is still the active version (0: none yet)",
+    )
+    _reason(parser)
+
+
+def _change_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    _version(parser)
+    _reason(parser)
+
+
+def _destroy_arguments(parser: argparse.ArgumentParser) -> None:
+    _change_arguments(parser)
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _action_name(text: str) -> str:
+    if (
+        not text
+        or len(text) > 64
+        or not all(c.isascii() and (c.isalnum() or c in "._") for c in text)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"must be an action name such as key.rotate, not {printable(text)}"
+        )
+    return text
+
+
+def _audit_list_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--key", type=utf8_text, help="only events about this key")
+    parser.add_argument(
+        "--action", type=_action_name, help="only events of this action, e.g. key.rotate"
+    )
+    parser.add_argument(
+        "--since",
+        type=sequence_number,
+        default=0,
+        metavar="SEQ",
+        help="only events after sequence number SEQ",
+    )
+    parser.add_argument(
+        "--limit",
+        type=audit_limit,
+        default=DEFAULT_AUDIT_LIMIT,
+        help=f"at most this many, the newest (default {DEFAULT_AUDIT_LIMIT})",
+    )
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    del parser
+
+
+@dataclass(frozen=True)
+class Command:
+    path: tuple[str, ...]  # ("rotate",) or ("audit", "list")
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    # (client, args), or (args) alone for a command that needs no server.
+    handler: Callable[..., int]
+    needs_server: bool = True
+
+
+COMMANDS: list[Command] = [
+    Command(("register",), "add a key version", _register_arguments, cmd_register),
+    Command(("rotate",), "make a version active", _rotate_arguments, cmd_rotate),
+    Command(("versions",), "list a key's versions", _key, cmd_versions),
+    Command(("keys",), "list keys", _no_arguments, cmd_keys),
+    Command(
+        ("disable",), "disable a version (not the active one)", _change_arguments, cmd_state_change
+    ),
+    Command(("enable",), "enable a disabled version", _change_arguments, cmd_state_change),
+    Command(
+        ("destroy",), "crypto-shred a version: irreversible", _destroy_arguments, cmd_state_change
+    ),
+    Command(
+        ("audit", "list"),
+        "list audit events, newest first",
+        _audit_list_arguments,
+        cmd_audit_list,
+    ),
+    Command(
+        ("audit", "verify"),
+        "check the hash chain, its MACs and the state against the log; exit 1 if broken",
+        _no_arguments,
+        cmd_audit_verify,
+    ),
+    Command(
+        ("audit", "checkpoint"),
+        "save a checkpoint of the log signed by the server",
+        audit_tools.checkpoint_arguments,
+        audit_tools.cmd_checkpoint,
+    ),
+    Command(
+        ("audit", "export"),
+        "write the events as JSON Lines, then a signed checkpoint of the last one",
+        audit_tools.export_arguments,
+        audit_tools.cmd_export,
+    ),
+    Command(
+        ("audit", "public-key"),
+        "print the audit signing key's public key (PEM)",
+        _no_arguments,
+        audit_tools.cmd_public_key,
+    ),
+    Command(
+        ("audit", "verify-export"),
+        "verify an export offline (no server): links, signature, a kept checkpoint",
+        audit_tools.verify_export_arguments,
+        audit_tools.cmd_verify_export,
+        needs_server=False,
+    ),
+]
+GROUP_HELP = {"audit": "read and verify the audit log"}
+COMMON_DEFAULTS: dict[str, Any] = {"json": False}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    """Options accepted before and after the subcommand (`kmsctl --json keys`, `kmsctl keys
+    --json`); SUPPRESSed, so a subcommand's parser does not reset what the top one read."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="JSON on stdout, errors as JSON on stderr",
+    )
+    add_connection_args(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Shared options go on every subcommand so they may follow it: `kmsctl keys --json`.
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="machine-readable output")
-    add_connection_args(common)
-
-    parser = argparse.ArgumentParser(prog=PROG, description="Administer the backup KMS.")
+    parser = CliParser(prog=PROG, description="Administer the backup KMS (docs/cli.md).")
+    add_version(parser, PROG)
+    _common(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    register = commands.add_parser("register", parents=[common], help="add a key version")
-    register.add_argument("key_name", metavar="KEY")
-    register.add_argument(
-        "--activate", action="store_true", help="activate it (first version only)"
-    )
-    register.add_argument(
-        "--import-file", type=Path, help="import 32 bytes of material from this file"
-    )
-    register.set_defaults(handler=cmd_register)
-
-    rotate = commands.add_parser("rotate", parents=[common], help="make a version active")
-    rotate.add_argument("key_name", metavar="KEY")
-    rotate.add_argument("version", metavar="VERSION", type=positive_int)
-    rotate.add_argument(
-        "--expect",
-        type=non_negative_int,
-        help="only if this is still the active version (0: none yet)",
-    )
-    rotate.add_argument("--reason", default="", help="why, for the audit log")
-    rotate.set_defaults(handler=cmd_rotate)
-
-    versions = commands.add_parser("versions", parents=[common], help="list a key's versions")
-    versions.add_argument("key_name", metavar="KEY")
-    versions.set_defaults(handler=cmd_versions)
-
-    keys = commands.add_parser("keys", parents=[common], help="list keys")
-    keys.set_defaults(handler=cmd_keys)
-
-    for name, help_text in [
-        ("disable", "disable a version (not the active one)"),
-        ("enable", "enable a disabled version"),
-        ("destroy", "crypto-shred a version: irreversible"),
-    ]:
-        change = commands.add_parser(name, parents=[common], help=help_text)
-        change.add_argument("key_name", metavar="KEY")
-        change.add_argument("version", metavar="VERSION", type=positive_int)
-        change.add_argument("--reason", default="", help="why, for the audit log")
-        if name == "destroy":
-            change.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-        change.set_defaults(handler=cmd_state_change)
-
-    audit = commands.add_parser("audit", help="read and verify the audit log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    audit_list = audit_commands.add_parser("list", parents=[common], help="list audit events")
-    audit_list.add_argument("--key", help="only events about this key")
-    audit_list.add_argument("--limit", type=positive_int, help="at most this many events")
-    audit_list.set_defaults(handler=cmd_audit_list)
-    audit_verify = audit_commands.add_parser(
-        "verify", parents=[common], help="check the hash chain; exit 1 if broken"
-    )
-    audit_verify.set_defaults(handler=cmd_audit_verify)
-    offline_common = argparse.ArgumentParser(add_help=False)
-    offline_common.add_argument("--json", action="store_true", help="machine-readable output")
-    audit_tools.add_commands(audit_commands, common, offline_common)
+    groups: dict[str, Any] = {}
+    for command in COMMANDS:
+        *group_path, name = command.path
+        where: Any = commands
+        if group_path:
+            group = group_path[0]
+            if group not in groups:
+                group_parser = commands.add_parser(group, help=GROUP_HELP.get(group))
+                groups[group] = group_parser.add_subparsers(
+                    dest=f"{group}_command", required=True, metavar="ACTION"
+                )
+            where = groups[group]
+        sub = where.add_parser(name, help=command.help, description=command.help)
+        _common(sub)
+        command.arguments(sub)
+        sub.set_defaults(handler=command.handler, needs_server=command.needs_server)
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=SHELLS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    offline = getattr(args, "offline_handler", None)
-    if offline is not None:  # needs no server: no connection settings are read
-        result: int = offline(args)
+def run(args: argparse.Namespace) -> int:
+    common_defaults(args, COMMON_DEFAULTS)
+    if args.command == "completion":  # reached only with options before it
+        sys.stdout.write(completion_script(PROG, build_parser(), args.shell))
+        return EXIT_OK
+    handler: Callable[..., int] = args.handler
+    if not args.needs_server:  # no connection setting is read, none is made
+        result: int = handler(args)
         return result
-    handler: Callable[[KmsClient, argparse.Namespace], int] = args.handler
-    try:
-        config = config_from_args(args)
-    except ConfigError as exc:
-        print_error(PROG, str(exc))
-        return EXIT_USAGE
-    try:
-        with KmsClient(config) as client:
-            return handler(client, args)
-    except KmsError as exc:
-        return print_error(PROG, describe_kms_error(exc))
-    except OSError as exc:
-        return print_error(
-            PROG, str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"
-        )
-    except (EOFError, KeyboardInterrupt):
-        print(file=sys.stderr)
-        return print_error(PROG, "interrupted")
+    with KmsClient(config_from_args(args)) as client:
+        return handler(client, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, build_parser, run, argv, hint=command_hint)
 
 
 if __name__ == "__main__":

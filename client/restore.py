@@ -36,18 +36,15 @@ from client.archive import (
 )
 from client.cli_common import (
     EXIT_OK,
+    CliError,
+    CliParser,
+    add_version,
     describe_kms_error,
     fsync_directory,
-    print_error,
     remove_quietly,
+    run_main,
 )
-from client.kms_client import (
-    ConfigError,
-    KmsClient,
-    KmsError,
-    add_connection_args,
-    config_from_args,
-)
+from client.kms_client import KmsClient, KmsError, add_connection_args, config_from_args
 from kms.v1 import kms_pb2
 
 if TYPE_CHECKING:
@@ -70,9 +67,8 @@ class RestoreResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Verify and restore an encrypted backup archive."
-    )
+    parser = CliParser(prog=PROG, description="Verify and restore an encrypted backup archive.")
+    add_version(parser, PROG)
     parser.add_argument("archive", help="archive path, or - for stdin")
     parser.add_argument("-o", "--output", help="where to restore; - for stdout")
     parser.add_argument(
@@ -253,7 +249,8 @@ def restore(
 
 
 def print_summary(result: RestoreResult, *, as_json: bool) -> None:
-    # stdout may carry the payload, so the summary always goes to stderr.
+    # The summary goes to stdout, unless stdout carries the payload.
+    out = sys.stderr if result.target == STDIO else sys.stdout
     header = result.header
     if as_json:
         summary = {
@@ -265,13 +262,13 @@ def print_summary(result: RestoreResult, *, as_json: bool) -> None:
             "verified": True,
             "target": result.target,
         }
-        print(json.dumps(summary), file=sys.stderr)
+        print(json.dumps(summary), file=out)
         return
     action = f"restored to {result.target}" if result.target else "verified"
     print(
         f"backup {header.backup_id} (key {header.key_name} version {header.key_version}, "
         f"{header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes): {action}",
-        file=sys.stderr,
+        file=out,
     )
 
 
@@ -281,30 +278,32 @@ def _is_tar_error(exc: BaseException) -> bool:
     return tarfile is not None and isinstance(exc, tarfile.TarError)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.verify == (args.output is not None):
-        parser.error("give exactly one of -o TARGET or --verify")
+        raise CliError("give exactly one of -o TARGET or --verify", exit_code=2, code="USAGE")
     try:
-        config = config_from_args(args)
-        with KmsClient(config) as client:
+        with KmsClient(config_from_args(args)) as client:
             result = restore(client, args.archive, args.output, force=args.force)
     except ArchiveError as exc:
-        return print_error(PROG, f"archive {args.archive} failed verification: {exc}")
-    except (RestoreError, ConfigError) as exc:
-        return print_error(PROG, str(exc))
-    except OSError as exc:
-        return print_error(
-            PROG, str(exc) if not exc.filename else f"{exc.filename}: {exc.strerror}"
-        )
+        raise CliError(
+            f"archive {args.archive} failed verification: {exc}", reason="ARCHIVE_INVALID"
+        ) from None
+    except RestoreError as exc:
+        raise CliError(str(exc)) from None
     except Exception as exc:
         if not _is_tar_error(exc):
             raise
         # Also raised by the extraction filter for members that would escape the target.
-        return print_error(PROG, f"refusing to extract the tree: {exc}")
-    print_summary(result, as_json=args.json)
+        raise CliError(f"refusing to extract the tree: {exc}") from None
+    print_summary(
+        result,
+        as_json=args.json,
+    )
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(PROG, build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from server.api.observability import CallLog, CallObserver, Metrics
 from server.api.pipeline import Limits, Pipeline, PipelineServer, PublicCalls
 from server.api.servicer import KeyManagementServicer
 from server.audit_file import AuditFile, AuditSinkError
-from server.config import ServerSettings
+from server.config import ServerSettings, listen_host, listen_port
 from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine
@@ -209,11 +210,16 @@ def create_server(
         port, tls = _bind(server, settings)
         # A supervised process only records: its supervisor serves all processes' sum.
         serves_metrics = metrics is not None and settings.process_index is None
-        metrics_port = (
-            metrics.serve(settings.metrics_listen)
-            if metrics and serves_metrics and settings.metrics_listen
-            else None
-        )
+        try:
+            metrics_port = (
+                metrics.serve(settings.metrics_listen)
+                if metrics and serves_metrics and settings.metrics_listen
+                else None
+            )
+        except OSError as error:
+            raise StartupError(
+                f"--metrics-listen: cannot listen on {settings.metrics_listen}: {error.strerror}"
+            ) from None
         loop.run(server.start())
         name_grpc_poller()  # started by grpc.aio from the loop's thread, named after it
     except BaseException:
@@ -252,7 +258,12 @@ def create_server(
     if settings.health_listen:
         try:
             running.health_server = loop.run(
-                _start_health_server(settings.health_listen, health_report.aio, pipeline)
+                _start_health_server(
+                    settings.health_listen,
+                    health_report.aio,
+                    pipeline,
+                    shared=settings.process_index is not None,
+                )
             )
         except BaseException:
             running.stop(0)
@@ -269,7 +280,12 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
             thread_name_prefix="kms-grpc-sync",
             initializer=name_os_thread,
         ),
-        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            # grpc sets SO_REUSEPORT by default, so a second server on a port in use would
+            # start and share it; only the processes of one --processes group may.
+            ("grpc.so_reuseport", 1 if settings.process_index is not None else 0),
+        ],
         # The pipeline counts kms.v1 and public calls apart (server/api/pipeline.py), so
         # health streams cannot take kms.v1's places; grpc's own cap only backs both up.
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs
@@ -279,24 +295,30 @@ async def _aio_server(settings: ServerSettings) -> grpc.aio.Server:
 
 
 async def _start_health_server(
-    listen: str, servicer: health_aio.HealthServicer, pipeline: Pipeline
+    listen: str, servicer: health_aio.HealthServicer, pipeline: Pipeline, *, shared: bool
 ) -> grpc.aio.Server:
     """A plaintext loopback port serving only health, for probes that hold no certificate.
 
     On the event loop, through the same pipeline: its calls and Watch streams count
-    towards the same public caps and end at shutdown like the main port's.
+    towards the same public caps and end at shutdown like the main port's. `shared`: the
+    processes of one --processes group all bind it (SO_REUSEPORT).
     """
     server = PipelineServer(
-        grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)]),
+        grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                ("grpc.so_reuseport", 1 if shared else 0),
+            ]
+        ),
         pipeline,
     )
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     try:
         port = server.add_insecure_port(listen)
     except RuntimeError as error:
-        raise StartupError(f"cannot listen on {listen}: {error}") from None
+        raise StartupError(f"--health-listen: cannot listen on {listen}: {error}") from None
     if port == 0:
-        raise StartupError(f"cannot listen on {listen}")
+        raise StartupError(f"--health-listen: cannot listen on {listen} (in use?)")
     await server.start()
     return server
 
@@ -319,8 +341,30 @@ def active_versions(engine: Engine) -> list[tuple[str, int]]:
     return [(str(name), int(version or 0)) for name, version in rows]
 
 
+def refuse_port_in_use(host: str, port: int, listen: str) -> None:
+    """SO_REUSEPORT would let this group share a port another server already serves; a bind
+    without it fails while any socket holds the port (TIME_WAIT aside, with SO_REUSEADDR)."""
+    for family, kind, proto, _, where in socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    ):
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            try:
+                probe.bind(where)
+            except OSError as error:
+                raise StartupError(
+                    f"--listen: cannot listen on {listen}: {error.strerror} (another kms-server?)"
+                ) from None
+
+
 def _bind(server: grpc.aio.Server, settings: ServerSettings) -> tuple[int, ReloadableTls | None]:
     tls = None
+    port_wanted = listen_port(settings.listen)
+    if settings.process_index is None and port_wanted != 0:
+        # Said in our words before grpc tries (and logs its own lines about it).
+        refuse_port_in_use(listen_host(settings.listen), port_wanted, settings.listen)
     try:
         if settings.uses_tls:
             assert settings.tls_cert is not None and settings.tls_key is not None
@@ -336,5 +380,8 @@ def _bind(server: grpc.aio.Server, settings: ServerSettings) -> tuple[int, Reloa
     except (OSError, RuntimeError) as error:
         raise StartupError(f"cannot listen on {settings.listen}: {error}") from None
     if port == 0:
-        raise StartupError(f"cannot listen on {settings.listen}")
+        raise StartupError(
+            f"--listen: cannot listen on {settings.listen}: the address is in use or not this "
+            "machine's (another kms-server? use another port, or --processes N to run several)"
+        )
     return port, tls

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class ServerSettings:
     health_listen: str | None = None
     max_concurrent_rpcs: int = 256
     metrics_listen: str | None = None
+    metrics_allow_remote: bool = False
     log_format: str = "json"
     db_statement_timeout_ms: int = 5000
     shutdown_grace_seconds: int = 10
@@ -117,7 +119,8 @@ _SETTINGS: list[tuple[str, str, str]] = [
     (
         "--metrics-listen",
         "KMS_METRICS_LISTEN",
-        "host:port serving Prometheus metrics over HTTP (default: off)",
+        "host:port serving Prometheus metrics over plain HTTP, loopback unless "
+        "--metrics-allow-remote (default: off)",
     ),
     ("--log-format", "KMS_LOG_FORMAT", "json (one object per line, the default) or text"),
     (
@@ -169,6 +172,11 @@ _SETTINGS: list[tuple[str, str, str]] = [
 _FLAGS = [
     ("--insecure", "KMS_INSECURE", "allow plaintext on a loopback address"),
     ("--dev", "KMS_DEV", "first-run mode: create a root key, policy and tokens"),
+    (
+        "--metrics-allow-remote",
+        "KMS_METRICS_ALLOW_REMOTE",
+        "allow --metrics-listen on a non-loopback address (plain HTTP, names every key)",
+    ),
 ]
 
 
@@ -179,10 +187,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, action="store_true", default=None, help=f"{text} [{env}]")
 
 
+MAX_PROCESSES_PER_CPU = 4
+MAX_WORKERS = 1024
+MAX_POOL_SIZE = 1000
+MAX_CONCURRENT_RPCS = 100_000
+MAX_STATEMENT_TIMEOUT_MS = 3_600_000
+MAX_SHUTDOWN_GRACE_SECONDS = 3600
+# Drivers the server is built and tested with (server/db/engine.py).
+SUPPORTED_DATABASE_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql", "postgresql+psycopg")
+# Far above any real root key file (32 bytes), policy or PEM bundle: /dev/zero is not read.
+MAX_ROOT_KEY_FILE_BYTES = 4096
+MAX_SETTING_FILE_BYTES = 1 << 20
+MAX_MATERIAL_CACHE_SECONDS = 60  # the bound issue 13 promises for every replica
+MAX_RETRY_WINDOW_SECONDS = 24 * 3600
+MAX_AUTH_FAILURE_RATE = 100_000
+MAX_SUMMARY_SECONDS = 24 * 3600
+
+
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings:
+    """Every setting is checked; all problems are reported together, one line each."""
+    problems: list[str] = []
+
     def value(flag: str, env: str) -> str | None:
         given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-        return given if given is not None else environ.get(env)
+        raw = given if given is not None else environ.get(env)
+        if raw is None:
+            return None
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            problems.append(f"{flag} / {env} is not valid UTF-8")
+            return None
+        return raw
 
     def switch(flag: str, env: str) -> bool:
         given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
@@ -190,42 +226,93 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             return True
         raw = environ.get(env, "").lower()
         if raw not in ("", "0", "1", "true", "false", "yes", "no"):
-            raise ConfigError(f"{env} must be true or false, not {raw!r}")
+            problems.append(f"{env} must be true or false, not {raw!r}")
+            return False
         return raw in ("1", "true", "yes")
 
-    def number(flag: str, env: str, default: int) -> int:
+    def number(flag: str, env: str, default: int, maximum: int) -> int:
         raw = value(flag, env)
         if raw is None:
             return default
-        if not raw.isdigit() or int(raw) < 1:
+        # ASCII digits only: str.isdigit() also takes "٣" and "²".
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
             also = " or auto" if flag == "--processes" else ""
-            raise ConfigError(f"{flag} / {env} must be a positive whole number{also}, not {raw!r}")
+            problems.append(
+                f"{flag} / {env} must be a whole number from 1 to {maximum}{also}, not {raw!r}"
+            )
+            return default
         return int(raw)
 
     def path(flag: str, env: str) -> Path | None:
         raw = value(flag, env)
         return Path(raw) if raw else None
 
+    def address(flag: str, env: str) -> str | None:
+        raw = value(flag, env)
+        if raw is None or raw == "":
+            return None
+        try:
+            listen_host(raw, f"{flag} / {env}")
+        except ConfigError as error:
+            problems.append(str(error))
+            return None
+        return raw
+
     dev = switch("--dev", "KMS_DEV")
     data_dir = path("--data-dir", "KMS_DATA_DIR")
     database_url = value("--database-url", "KMS_DATABASE_URL")
     if data_dir is None and (dev or not database_url):
-        raise ConfigError("--data-dir / KMS_DATA_DIR is required (or give --database-url)")
+        problems.append("--data-dir / KMS_DATA_DIR is required (or give --database-url)")
     data_dir = data_dir or Path(".")
-    if not database_url:
+    if database_url:
+        problem = database_url_problem(database_url)
+        if problem:
+            problems.append(problem)
+    else:
         database_url = f"sqlite+pysqlite:///{(data_dir / 'kms.sqlite3').resolve()}"
     tls_cert, tls_key = path("--tls-cert", "KMS_TLS_CERT"), path("--tls-key", "KMS_TLS_KEY")
     if (tls_cert is None) != (tls_key is None):
-        raise ConfigError("--tls-cert and --tls-key go together")
+        problems.append("--tls-cert and --tls-key go together")
+    cpus = os.cpu_count() or 1
+    max_processes = MAX_PROCESSES_PER_CPU * cpus
     processes_text = value("--processes", "KMS_PROCESSES")
     processes = (
-        os.cpu_count() or 1
+        cpus
         if processes_text == "auto"
-        else number("--processes", "KMS_PROCESSES", 1)
+        else number("--processes", "KMS_PROCESSES", 1, max_processes)
     )
     index_text = environ.get("KMS_PROCESS_INDEX")
+    log_level = (value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
+    log_format = (value("--log-format", "KMS_LOG_FORMAT") or "json").lower()
+    if log_format not in ("json", "text"):
+        problems.append("--log-format / KMS_LOG_FORMAT must be json or text")
+    listen = address("--listen", "KMS_LISTEN") or DEFAULT_LISTEN
+    metrics_listen = address("--metrics-listen", "KMS_METRICS_LISTEN")
+    metrics_allow_remote = switch("--metrics-allow-remote", "KMS_METRICS_ALLOW_REMOTE")
+    if (
+        metrics_listen
+        and not metrics_allow_remote
+        and not _is_loopback(listen_host(metrics_listen))
+    ):
+        problems.append(
+            f"--metrics-listen / KMS_METRICS_LISTEN {metrics_listen!r} is not a loopback "
+            "address: the metrics are plain HTTP without authentication and name every key; "
+            "give --metrics-allow-remote to serve them beyond this machine"
+        )
+    cache_text = value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
+    material_cache_seconds = MAX_MATERIAL_CACHE_SECONDS
+    if cache_text is not None:
+        if cache_text.isascii() and cache_text.isdigit() and int(cache_text) <= 60:
+            material_cache_seconds = int(cache_text)
+        else:
+            problems.append(
+                "--material-cache-seconds / KMS_MATERIAL_CACHE_SECONDS must be a whole number "
+                f"from 0 to {MAX_MATERIAL_CACHE_SECONDS}, not {cache_text!r}"
+            )
     settings = ServerSettings(
-        listen=value("--listen", "KMS_LISTEN") or DEFAULT_LISTEN,
+        listen=listen,
         data_dir=data_dir,
         database_url=database_url,
         root_key_file=path("--root-key-file", "KMS_ROOT_KEY_FILE") or data_dir / "root.key",
@@ -235,72 +322,156 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         tls_client_ca=path("--tls-client-ca", "KMS_TLS_CLIENT_CA"),
         insecure=switch("--insecure", "KMS_INSECURE") or dev,
         dev=dev,
-        max_workers=number("--max-workers", "KMS_MAX_WORKERS", 16),
-        db_pool_size=number("--db-pool-size", "KMS_DB_POOL_SIZE", 10),
+        max_workers=number("--max-workers", "KMS_MAX_WORKERS", 16, MAX_WORKERS),
+        db_pool_size=number("--db-pool-size", "KMS_DB_POOL_SIZE", 10, MAX_POOL_SIZE),
         ready_file=path("--ready-file", "KMS_READY_FILE"),
-        log_level=(value("--log-level", "KMS_LOG_LEVEL") or "INFO").upper(),
-        health_listen=value("--health-listen", "KMS_HEALTH_LISTEN"),
-        max_concurrent_rpcs=number("--max-concurrent-rpcs", "KMS_MAX_CONCURRENT_RPCS", 256),
-        db_statement_timeout_ms=number(
-            "--db-statement-timeout-ms", "KMS_DB_STATEMENT_TIMEOUT_MS", 5000
+        log_level=log_level,
+        health_listen=address("--health-listen", "KMS_HEALTH_LISTEN"),
+        max_concurrent_rpcs=number(
+            "--max-concurrent-rpcs", "KMS_MAX_CONCURRENT_RPCS", 256, MAX_CONCURRENT_RPCS
         ),
-        shutdown_grace_seconds=number("--shutdown-grace-seconds", "KMS_SHUTDOWN_GRACE_SECONDS", 10),
-        metrics_listen=value("--metrics-listen", "KMS_METRICS_LISTEN"),
-        log_format=(value("--log-format", "KMS_LOG_FORMAT") or "json").lower(),
+        db_statement_timeout_ms=number(
+            "--db-statement-timeout-ms",
+            "KMS_DB_STATEMENT_TIMEOUT_MS",
+            5000,
+            MAX_STATEMENT_TIMEOUT_MS,
+        ),
+        shutdown_grace_seconds=number(
+            "--shutdown-grace-seconds",
+            "KMS_SHUTDOWN_GRACE_SECONDS",
+            10,
+            MAX_SHUTDOWN_GRACE_SECONDS,
+        ),
+        metrics_listen=metrics_listen,
+        metrics_allow_remote=metrics_allow_remote,
+        log_format=log_format,
         processes=processes,
         process_index=int(index_text) if index_text and index_text.isdigit() else None,
         audit_file=path("--audit-file", "KMS_AUDIT_FILE"),
-        material_cache_seconds=_cache_seconds(
-            value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
-        ),
+        material_cache_seconds=material_cache_seconds,
         data_key_retry_window_seconds=number(
-            "--data-key-retry-window", "KMS_DATA_KEY_RETRY_WINDOW", 900
+            "--data-key-retry-window", "KMS_DATA_KEY_RETRY_WINDOW", 900, MAX_RETRY_WINDOW_SECONDS
         ),
-        auth_failure_burst=number("--auth-failure-burst", "KMS_AUTH_FAILURE_BURST", 10),
+        auth_failure_burst=number(
+            "--auth-failure-burst", "KMS_AUTH_FAILURE_BURST", 10, MAX_AUTH_FAILURE_RATE
+        ),
         auth_failures_per_minute=number(
-            "--auth-failures-per-minute", "KMS_AUTH_FAILURES_PER_MINUTE", 60
+            "--auth-failures-per-minute", "KMS_AUTH_FAILURES_PER_MINUTE", 60, MAX_AUTH_FAILURE_RATE
         ),
         auth_failure_summary_seconds=number(
-            "--auth-failure-summary-seconds", "KMS_AUTH_FAILURE_SUMMARY_SECONDS", 60
+            "--auth-failure-summary-seconds",
+            "KMS_AUTH_FAILURE_SUMMARY_SECONDS",
+            60,
+            MAX_SUMMARY_SECONDS,
         ),
         public_max_concurrent_rpcs=number(
-            "--public-max-concurrent-rpcs", "KMS_PUBLIC_MAX_CONCURRENT_RPCS", 64
+            "--public-max-concurrent-rpcs",
+            "KMS_PUBLIC_MAX_CONCURRENT_RPCS",
+            64,
+            MAX_CONCURRENT_RPCS,
         ),
         public_max_rpcs_per_connection=number(
-            "--public-max-rpcs-per-connection", "KMS_PUBLIC_MAX_RPCS_PER_CONNECTION", 4
+            "--public-max-rpcs-per-connection",
+            "KMS_PUBLIC_MAX_RPCS_PER_CONNECTION",
+            4,
+            MAX_CONCURRENT_RPCS,
         ),
     )
-    if settings.log_format not in ("json", "text"):
-        raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")
-    if settings.metrics_listen:
-        _, sep, port = settings.metrics_listen.rpartition(":")
-        if not sep or not port.isdigit():
-            raise ConfigError(
-                f"--metrics-listen / KMS_METRICS_LISTEN must be host:port, not "
-                f"{settings.metrics_listen!r}"
-            )
-    if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError("--log-level / KMS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR")
-    check_transport(settings)
+    if not problems:
+        try:
+            check_transport(settings)
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("\n".join(problems))
     return settings
 
 
-def _cache_seconds(raw: str | None) -> int:
-    if raw is None:
-        return 60
-    if not raw.isascii() or not raw.isdigit() or int(raw) > 60:
-        raise ConfigError(
-            "--material-cache-seconds / KMS_MATERIAL_CACHE_SECONDS must be a whole number "
-            f"from 0 to 60, not {raw!r}"
+def database_url_problem(url: str) -> str | None:
+    """Why `url` cannot be used, in one line, or None. The password is never repeated."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return (
+            "--database-url / KMS_DATABASE_URL is not a database URL; give "
+            "postgresql://USER@HOST:PORT/DATABASE or sqlite:////path/to/kms.sqlite3"
         )
-    return int(raw)
+    if parsed.drivername not in SUPPORTED_DATABASE_DRIVERS:
+        return (
+            f"--database-url / KMS_DATABASE_URL uses {parsed.drivername}://, which this server "
+            "does not support; use postgresql:// (psycopg 3) or sqlite://"
+        )
+    if parsed.get_backend_name() == "sqlite" and not parsed.database:
+        return "--database-url / KMS_DATABASE_URL names no SQLite file (sqlite:////path/to/file)"
+    return None
 
 
-def listen_host(listen: str) -> str:
+def check_files(settings: ServerSettings, *, migrating: bool = False) -> None:
+    """The directories and files the settings name exist and are what they should be.
+
+    Run at start, after dev mode created what it creates; not in `load`, which only parses.
+    """
+    problems: list[str] = []
+    embedded = settings.database_url.startswith("sqlite")
+    if embedded or settings.dev or not migrating:
+        directory = settings.data_dir
+        if directory.exists() and not directory.is_dir():
+            problems.append(f"--data-dir / KMS_DATA_DIR {directory} is not a directory")
+        elif not directory.exists() and (embedded or settings.dev):
+            problems.append(
+                f"--data-dir / KMS_DATA_DIR {directory} does not exist; create it "
+                f"(mkdir -m 700 {directory}) or start once with --dev"
+            )
+    if not migrating:
+        files = [
+            (
+                "--root-key-file / KMS_ROOT_KEY_FILE",
+                settings.root_key_file,
+                MAX_ROOT_KEY_FILE_BYTES,
+            ),
+            ("--policy-file / KMS_POLICY_FILE", settings.policy_file, MAX_SETTING_FILE_BYTES),
+            ("--tls-cert / KMS_TLS_CERT", settings.tls_cert, MAX_SETTING_FILE_BYTES),
+            ("--tls-key / KMS_TLS_KEY", settings.tls_key, MAX_SETTING_FILE_BYTES),
+            ("--tls-client-ca / KMS_TLS_CLIENT_CA", settings.tls_client_ca, MAX_SETTING_FILE_BYTES),
+        ]
+        for name, file, limit in files:
+            if file is not None:
+                problem = regular_file_problem(file, limit)
+                if problem:
+                    problems.append(f"{name} {file} {problem}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def regular_file_problem(path: Path, limit: int) -> str | None:
+    try:
+        info = path.stat()
+    except OSError as error:
+        return f"cannot be read: {error.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_size > limit:
+        return f"is larger than {limit} bytes"
+    if not os.access(path, os.R_OK):
+        return "cannot be read: permission denied"
+    return None
+
+
+def listen_host(listen: str, name: str = "--listen / KMS_LISTEN") -> str:
+    """The host of host:port; the port must be 0 (pick one) to 65535."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"--listen / KMS_LISTEN must be host:port, not {listen!r}")
+    if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise ConfigError(
+            f"{name} must be host:port with a port from 0 to 65535 (0 picks one), not {listen!r}"
+        )
     return host.strip("[]")
+
+
+def listen_port(listen: str) -> int:
+    return int(listen.rpartition(":")[2])
 
 
 def check_transport(settings: ServerSettings) -> None:

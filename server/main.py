@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 
 from server import config, devmode, workers
 from server.api.observability import (
@@ -25,44 +30,142 @@ from server.signals import ServerSignals
 log = logging.getLogger("kms-server")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    command = "migrate" if args[:1] == ["migrate"] else "serve"
-    if command == "migrate":
-        args = args[1:]
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+SUBCOMMANDS = ("migrate", "completion")
+
+
+def build_parser(
+    command: str = "serve", *, with_subcommands: bool = False
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kms-server" if command == "serve" else "kms-server migrate",
-        description="The kms.v1 key-management server. `kms-server migrate` upgrades the "
-        "database schema and exits.",
+        prog="kms-server" if command == "serve" else f"kms-server {command}",
+        description="The kms.v1 key-management server (docs/configuration.md). "
+        "`kms-server migrate` upgrades the database schema and exits; "
+        "`kms-server completion bash|zsh` prints a shell completion script.",
     )
+    parser.add_argument("--version", action="version", version=_version())
     config.add_arguments(parser)
+    if with_subcommands:
+        # Only for completion: main() dispatches the subcommands before parsing.
+        commands = parser.add_subparsers(dest="subcommand", metavar="[migrate|completion]")
+        config.add_arguments(commands.add_parser("migrate", help="upgrade the database schema"))
+        commands.add_parser("completion", help="print a shell completion script")
+    return parser
+
+
+def _version() -> str:
+    from importlib import metadata
+
     try:
-        parsed = parser.parse_args(args)
+        return f"kms-server (backup-kms) {metadata.version('backup-kms')}"
+    except metadata.PackageNotFoundError:
+        return "kms-server (backup-kms) unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Everything the server writes (the SQLite file and its -wal/-shm, dev-mode files, ready
+    # files) is the owner's alone, from the first moment, in every command.
+    os.umask(0o077)
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args[:1] and args[0] in SUBCOMMANDS else "serve"
+    if command != "serve":
+        args = args[1:]
+    settings: config.ServerSettings | None = None
+    try:
+        if command == "completion":
+            return _completion(args)
+        parsed = build_parser(command).parse_args(args)
         if command == "migrate":
             # Migrating serves nothing, so the listening and TLS checks do not apply.
             parsed.insecure, parsed.listen = True, "127.0.0.1:0"
         settings = config.load(parsed, os.environ)
-        call_lines = _configure_logging(settings)
         if command == "migrate":
+            config.check_files(settings, migrating=True)
+            _configure_logging(settings)
+            _protect_sqlite_files(settings)
             open_database(settings, upgrade=True).dispose()
+            _protect_sqlite_files(settings)
             print("the database schema is up to date")
-            return 0
+            return EXIT_OK
+        call_lines = _configure_logging(settings)
         return _serve(settings, args, call_lines)
     except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
-        print(f"kms-server: {error}", file=sys.stderr)
-        return 2
+        for line in str(error).splitlines():
+            print(f"kms-server: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except SQLAlchemyError as error:
+        url = settings.database_url if settings is not None else ""
+        print(f"kms-server: {_database_problem(error, url)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"kms-server: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("kms-server: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:  # the last line of defence: one line, never a traceback
+        print(
+            f"kms-server: unexpected internal error ({type(error).__name__}); please report "
+            "it as a bug, with the command you ran",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+
+
+def _completion(args: list[str]) -> int:
+    from client.completion import SHELLS, completion_script
+
+    if len(args) != 1 or args[0] not in SHELLS:
+        print("usage: kms-server completion {bash,zsh}", file=sys.stderr)
+        print("kms-server: error: completion: give one shell, bash or zsh", file=sys.stderr)
+        return EXIT_USAGE
+    sys.stdout.write(completion_script("kms-server", build_parser(with_subcommands=True), args[0]))
+    return EXIT_OK
+
+
+def _database_problem(error: SQLAlchemyError, database_url: str) -> str:
+    """One line: the driver's first line of why, never the password."""
+    cause = getattr(error, "orig", None) or error
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    password = make_url(database_url).password if database_url else None
+    if password:
+        first = first.replace(str(password), "***")
+    return f"cannot use the database (--database-url / KMS_DATABASE_URL): {first}"
+
+
+def _protect_sqlite_files(settings: config.ServerSettings) -> None:
+    """The SQLite file holds wrapped key material: 0600, and so its -wal and -shm (SQLite
+    gives them the database file's mode). Fixes files an older release left 0644."""
+    if not settings.database_url.startswith("sqlite"):
+        return
+    database = make_url(settings.database_url).database
+    if not database:
+        return
+    for suffix in ("", "-wal", "-shm", "-journal", ".writers"):
+        path = Path(database + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if path.is_file() and path.stat().st_uid == os.getuid():
+                os.chmod(path, 0o600)
 
 
 def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: CallLog | None) -> int:
-    # The SQLite file, its journal and dev-mode files hold wrapped key material: owner only.
-    os.umask(0o077)
     supervised = settings.process_index is not None
     if settings.dev and not supervised:
+        if settings.data_dir.exists() and not settings.data_dir.is_dir():
+            raise config.ConfigError(
+                f"--data-dir / KMS_DATA_DIR {settings.data_dir} is not a directory"
+            )
         token_files = devmode.bootstrap(settings)
         print(f"dev mode: data directory {settings.data_dir}", flush=True)
         print(f"dev mode: root key {settings.root_key_file}", flush=True)
         for path in token_files:
             print(f"dev mode: {path.name} token in {path}", flush=True)
+    config.check_files(settings)
+    _protect_sqlite_files(settings)
     if settings.processes > 1 and not supervised:
         return workers.supervise(settings, argv)
     running = create_server(

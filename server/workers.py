@@ -32,7 +32,7 @@ from sqlalchemy import Engine
 
 from server import config
 from server.api.observability import ActiveVersionCollector
-from server.app import StartupError, active_versions, open_database
+from server.app import StartupError, active_versions, open_database, refuse_port_in_use
 from server.crypto import RootKey
 from server.service import KeyManagementService
 from server.signals import ServerSignals
@@ -53,6 +53,12 @@ def supervise(settings: config.ServerSettings, argv: Sequence[str]) -> int:
             service.check_root_key()  # once, before the processes could race to record it
         finally:
             service.close()
+        if settings.health_listen and config.listen_port(settings.health_listen) != 0:
+            refuse_port_in_use(
+                config.listen_host(settings.health_listen),
+                config.listen_port(settings.health_listen),
+                settings.health_listen,
+            )
         port_holders = _reserve_port(settings.listen)
         try:
             address = settings.address(port_holders[0].getsockname()[1])
@@ -184,6 +190,8 @@ def _reserve_port(listen: str) -> list[socket.socket]:
     """
     host = config.listen_host(listen)
     port = int(listen.rpartition(":")[2])
+    if port != 0:
+        refuse_port_in_use(host, port, listen)
     holders: list[socket.socket] = []
     try:
         for family, kind, proto, _, where in socket.getaddrinfo(
@@ -210,7 +218,14 @@ def _serve_metrics(settings: config.ServerSettings, directory: Path, engine: Eng
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     registry.register(ActiveVersionCollector(lambda: active_versions(engine)))
     host, _, port = settings.metrics_listen.rpartition(":")
-    http, _ = start_http_server(int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    try:
+        http, _ = start_http_server(
+            int(port), addr=host.strip("[]") or "0.0.0.0", registry=registry
+        )
+    except OSError as error:
+        raise StartupError(
+            f"--metrics-listen: cannot listen on {settings.metrics_listen}: {error.strerror}"
+        ) from None
     return int(http.server_port)
 
 

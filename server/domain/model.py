@@ -235,14 +235,23 @@ def check_version(version: int, field: str = "version") -> int:
     return version
 
 
+REASON_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
 def check_reason(reason: str) -> str:
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument(
             "REASON_TOO_LONG", f"reason must be at most {MAX_REASON_LENGTH} characters"
         )
-    # C0, DEL and C1 controls could forge lines or escapes in logs and terminals.
-    if any(unicodedata.category(c) == "Cc" and c != "\t" for c in reason):
-        raise InvalidArgument("REASON_INVALID", "reason must not contain control characters")
+    # Controls (tab included) forge lines or escapes in logs and terminals; format characters
+    # (bidi overrides such as U+202E, zero-width U+200B) and line or paragraph separators make
+    # a displayed audit line read differently from what is stored.
+    if any(unicodedata.category(c) in REASON_FORBIDDEN_CATEGORIES for c in reason):
+        raise InvalidArgument(
+            "REASON_INVALID",
+            "reason must not contain control, format or line/paragraph separator characters "
+            "(tabs, bidi controls and zero-width characters included)",
+        )
     return reason
 
 

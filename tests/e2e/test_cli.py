@@ -43,11 +43,11 @@ def test_file_backup_and_restore_with_json_summaries(dev_server: DevServer, tmp_
     done = dev_server.run(
         "restore", str(archive), "-o", str(restored), "--json", role="restore", check=True
     )
-    assert json.loads(done.stderr)["backup_id"] == summary["backup_id"]
+    assert json.loads(done.stdout)["backup_id"] == summary["backup_id"]
     assert restored.read_bytes() == source.read_bytes()
 
     verified = dev_server.run("restore", "--verify", str(archive), role="restore", check=True)
-    assert b"verified" in verified.stderr
+    assert b"verified" in verified.stdout
 
     keys = json.loads(dev_server.run("kmsctl", "keys", "--json", role="admin", check=True).stdout)
     assert [(k["name"], k["active_version"]) for k in keys] == [(KEY, 1)]
@@ -167,10 +167,24 @@ def test_audit_list_follows_pages_and_verify_reports_an_intact_chain(
         for _ in range(120):
             admin.get_key_version(KEY, 1)
 
-    listed = dev_server.run("kmsctl", "audit", "list", "--json", role="auditor", check=True)
+    listed = dev_server.run(
+        "kmsctl", "audit", "list", "--limit", "1000", "--json", role="auditor", check=True
+    )
     events = json.loads(listed.stdout)
     assert len(events) >= 121
-    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+    # Newest first, every one of them, sequence numbers as JSON numbers.
+    assert [e["sequence"] for e in events] == list(range(len(events), 0, -1))
+
+    default = json.loads(
+        dev_server.run("kmsctl", "audit", "list", "--json", role="auditor", check=True).stdout
+    )
+    assert [e["sequence"] for e in default] == list(range(len(events) + 1, len(events) - 49, -1))
+    since = json.loads(
+        dev_server.run(
+            "kmsctl", "--json", "audit", "list", "--since", "118", role="auditor", check=True
+        ).stdout
+    )
+    assert [e["sequence"] for e in since] == list(range(len(events) + 2, 118, -1))
 
     limited = dev_server.run(
         "kmsctl", "audit", "list", "--limit", "5", "--key", KEY, "--json", role="auditor",

@@ -118,6 +118,7 @@ D = "--data-dir=DATA"  # replaced by the test's temporary directory
         ([D, "--insecure"], {"KMS_SHUTDOWN_GRACE_SECONDS": "soon"}, "KMS_SHUTDOWN_GRACE"),
         ([D, "--insecure", "--log-level", "verbose"], {}, "--log-level"),
         ([D, "--insecure", "--listen", "127.0.0.1"], {}, "host:port"),
+        ([D, "--insecure", "--listen", "127.0.0.1:99999"], {}, "from 0 to 65535"),
         ([D, "--insecure", "--listen", "127.0.0.1:http"], {}, "host:port"),
         ([D], {"KMS_INSECURE": "maybe"}, "KMS_INSECURE"),
         ([D], {"KMS_DEV": "2"}, "KMS_DEV"),
@@ -145,3 +146,76 @@ def test_a_database_url_alone_needs_no_data_dir() -> None:
 def test_switches_read_from_the_environment(tmp_path: Path, raw: str, expected: bool) -> None:
     environ = {"KMS_DATA_DIR": str(tmp_path), "KMS_DEV": raw, "KMS_INSECURE": "1"}
     assert config.parse([], environ=environ).dev is expected
+
+
+def test_every_bad_setting_gets_its_own_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse("--data-dir", str(tmp_path), "--insecure", "--max-workers", "0", "--log-level", "x")
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith("--max-workers") for line in lines)
+    assert any(line.startswith("--log-level") for line in lines)
+
+
+@pytest.mark.parametrize("listen", [":9100", "0.0.0.0:9100", "[::]:9100", "10.0.0.5:9100"])
+def test_metrics_off_loopback_need_metrics_allow_remote(tmp_path: Path, listen: str) -> None:
+    with pytest.raises(ConfigError, match="--metrics-allow-remote"):
+        parse("--dev", "--data-dir", str(tmp_path), "--metrics-listen", listen)
+    allowed = parse(
+        "--dev", "--data-dir", str(tmp_path), "--metrics-listen", listen, "--metrics-allow-remote"
+    )
+    assert allowed.metrics_allow_remote and allowed.metrics_listen == listen
+    assert parse(
+        "--dev",
+        "--data-dir",
+        str(tmp_path),
+        KMS_METRICS_LISTEN=listen,
+        KMS_METRICS_ALLOW_REMOTE="1",
+    ).metrics_allow_remote
+
+
+def test_processes_are_capped_at_four_per_cpu(tmp_path: Path) -> None:
+    cap = config.MAX_PROCESSES_PER_CPU * (os.cpu_count() or 1)
+    assert parse("--dev", "--data-dir", str(tmp_path), "--processes", str(cap)).processes == cap
+    with pytest.raises(ConfigError, match=f"from 1 to {cap}"):
+        parse("--dev", "--data-dir", str(tmp_path), "--processes", str(cap + 1))
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://kms@db/kms", "postgresql+psycopg://db/kms", "sqlite:////var/kms.db"]
+)
+def test_supported_database_urls_pass(url: str) -> None:
+    assert config.database_url_problem(url) is None
+
+
+@pytest.mark.parametrize(
+    "url", ["notaurl", "mysql://db/kms", "postgresql+psycopg2://db/kms", "sqlite://"]
+)
+def test_unsupported_database_urls_are_named_without_the_password(url: str) -> None:
+    problem = config.database_url_problem(url.replace("//", "//user:hunter2@", 1))
+    assert problem is not None and "--database-url" in problem and "hunter2" not in problem
+
+
+def test_file_settings_must_be_small_regular_files(tmp_path: Path) -> None:
+    settings = parse(
+        "--data-dir", str(tmp_path), "--insecure", "--root-key-file", "/dev/zero"
+    )  # fmt: skip
+    (tmp_path / "policy.toml").write_text("")
+    with pytest.raises(ConfigError, match=r"--root-key-file .* is not a regular file"):
+        config.check_files(settings)
+    big = tmp_path / "big.key"
+    big.write_bytes(b"x" * (config.MAX_ROOT_KEY_FILE_BYTES + 1))
+    settings = parse("--data-dir", str(tmp_path), "--insecure", "--root-key-file", str(big))
+    with pytest.raises(ConfigError, match="larger than"):
+        config.check_files(settings)
+
+
+def test_database_errors_are_one_line_without_the_password() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from server.main import _database_problem
+
+    error = OperationalError("SELECT 1", {}, Exception("failed for s3cret-pw\nsecond line"))
+    text = _database_problem(error, "postgresql://kms:s3cret-pw@db/kms")
+    assert "s3cret-pw" not in text and "\n" not in text
+    assert text.startswith("cannot use the database (--database-url")

@@ -68,7 +68,9 @@ def test_invalid_versions(version: int) -> None:
     assert reason(model.check_version, version) == "VERSION_INVALID"
 
 
-@pytest.mark.parametrize("text", ["", "scheduled rotation", "tab\tok", "ü" * 1024])
+@pytest.mark.parametrize(
+    "text", ["", "scheduled rotation", "ü" * 1024, "عربي", "emoji \U0001f511", "a b"]
+)
 def test_valid_reasons(text: str) -> None:
     assert model.check_reason(text) == text
 
@@ -82,6 +84,12 @@ def test_valid_reasons(text: str) -> None:
         ("\x1b[31m", "REASON_INVALID"),
         ("del\x7f", "REASON_INVALID"),
         ("c1\x9b31m", "REASON_INVALID"),
+        ("tab\tno", "REASON_INVALID"),
+        ("evil\u202eenil", "REASON_INVALID"),  # right-to-left override
+        ("zero\u200bwidth", "REASON_INVALID"),
+        ("bom\ufeff", "REASON_INVALID"),
+        ("line\u2028sep", "REASON_INVALID"),
+        ("para\u2029sep", "REASON_INVALID"),
     ],
 )
 def test_invalid_reasons(text: str, expected: str) -> None:
