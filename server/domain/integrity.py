@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.domain.errors import IntegrityFailure
 
-_MAC_DIGEST = "sha256"
-
 
 def _encode(purpose: str, parts: Sequence[str | int | None]) -> bytes:
     """Length-prefixed, so no two different part lists encode alike; None is not ''."""
-    out = bytearray(b"kms.v1/" + purpose.encode())
+    chunks = [b"kms.v1/", purpose.encode()]
     for part in parts:
         if part is None:
-            out += b"\xff\xff\xff\xff"
+            chunks.append(_NONE)
             continue
         encoded = str(part).encode()
-        out += struct.pack(">I", len(encoded)) + encoded
-    return bytes(out)
+        chunks.append(len(encoded).to_bytes(4, "big"))
+        chunks.append(encoded)
+    return b"".join(chunks)
+
+
+_NONE = b"\xff\xff\xff\xff"  # no length prefix is this large
 
 
 class AuditMac:
@@ -118,15 +119,20 @@ class StateSeal:
     _VERIFIED_LIMIT = 4096
 
     def __init__(self, key: bytes | bytearray) -> None:
-        self._key = key
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)  # copied per MAC, as AuditMac
         self._verified: dict[str, Sealed] = {}
+
+    def _mac(self, purpose: str, parts: Sequence[str | int | None]) -> str:
+        mac = self._keyed.copy()
+        mac.update(_encode(purpose, parts))
+        return mac.hexdigest()
 
     def __repr__(self) -> str:
         return "StateSeal(<hidden>)"
 
     def key_mac(self, row: SealedKey) -> str:
         parts = (row.name, row.active_version, row.last_version, row.created_us, row.state_sequence)
-        return hmac.digest(self._key, _encode("state/key", parts), _MAC_DIGEST).hex()
+        return self._mac("state/key", parts)
 
     def version_mac(self, row: SealedVersion) -> str:
         parts = (
@@ -139,7 +145,7 @@ class StateSeal:
             row.destroyed_us,
             row.state_sequence,
         )
-        return hmac.digest(self._key, _encode("state/version", parts), _MAC_DIGEST).hex()
+        return self._mac("state/version", parts)
 
     def binding_mac(self, row: SealedBinding) -> str:
         parts = (
@@ -150,7 +156,7 @@ class StateSeal:
             row.created_us,
             int(row.recovered),
         )
-        return hmac.digest(self._key, _encode("state/binding", parts), _MAC_DIGEST).hex()
+        return self._mac("state/binding", parts)
 
     def mac(self, row: Sealed) -> str:
         if isinstance(row, SealedKey):
