@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="restore only PATH (a file or directory of the tree, relative to its top); "
         "repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--special-files", action="store_true",
+        help="create the FIFOs and device nodes a tree holds (skipped with a warning otherwise)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing target")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
@@ -289,14 +293,21 @@ def _restore_file(
 
 
 def _restore_tree(
-    reader: PlaintextReader, header: ArchiveHeader, target: Path, force: bool, includes: list[str]
+    reader: PlaintextReader,
+    header: ArchiveHeader,
+    target: Path,
+    force: bool,
+    includes: list[str],
+    special_files: bool,
 ) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
     try:
         if header.version == 1:
             _extract_v1_tar(reader, staging)
         else:
-            extractor = tree_format.Extractor(str(staging), warn=_warn, includes=includes)
+            extractor = tree_format.Extractor(
+                str(staging), warn=_warn, includes=includes, special_files=special_files
+            )
             entries = tree_format.EntryReader(reader)
             while (entry := entries.next()) is not None:
                 extractor.extract(entries, entry)
@@ -357,6 +368,7 @@ def restore(
     action: str = "restore",
     force: bool = False,
     includes: list[str] | None = None,
+    special_files: bool = False,
     quiet: bool = False,
     total: int | None = None,
 ) -> RestoreResult:
@@ -380,7 +392,7 @@ def restore(
             assert output is not None
             target = Path(output)
             if header.payload_kind is PayloadKind.TREE:
-                _restore_tree(reader, header, target, force, includes or [])
+                _restore_tree(reader, header, target, force, includes or [], special_files)
             else:
                 _restore_file(reader, header, target, force)
     finally:
@@ -450,7 +462,11 @@ def print_summary(result: RestoreResult, *, as_json: bool) -> None:
         }
         print(json.dumps(summary), file=sys.stderr)
         return
-    action = f"restored to {result.target}" if result.target else "verified"
+    action = "verified"
+    if result.target == STDIO:
+        action = "written to standard output"
+    elif result.target:
+        action = f"restored to {result.target}"
     print(
         f"backup {header.backup_id} (key {header.key_name} version {header.key_version}, "
         f"{header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes): {action}",
@@ -494,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
             with KmsClient(config) as client:
                 result = restore(
                     client, stream, parsed, args.output, action=action, force=args.force,
-                    includes=args.include, quiet=args.quiet or args.list, total=total,
+                    includes=args.include, special_files=args.special_files,
+                    quiet=args.quiet or args.list, total=total,
                 )  # fmt: skip
     except (UsageError, ConfigError) as exc:
         print_error(PROG, str(exc))

@@ -14,7 +14,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -102,9 +102,51 @@ def parse_compression(text: str) -> tuple[Compression, int]:
     return Compression.ZSTD, int(level)
 
 
-# zstd gives up on incompressible input quickly at this level (about 4 GB/s per core here),
-# so it stays on for every backup; text shrinks about as much as `zstd -3`.
 DEFAULT_ZSTD_LEVEL = 3
+# Before compressing a whole segment, a sample: when it does not shrink by 2 %, the segment
+# (random, encrypted or already compressed data) is stored raw without the full attempt.
+_SAMPLE = 32 << 10
+_SAMPLE_GAIN = 0.98
+
+
+class _Slot:
+    """One segment's input and output buffers; writer and reader reuse a fixed set of them."""
+
+    __slots__ = ("input", "output")
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        self.input = memoryview(bytearray(input_size))
+        self.output = memoryview(bytearray(output_size))
+
+
+class _Pool:
+    """At most `count` slots, allocated on demand: a small archive needs one or two."""
+
+    def __init__(self, count: int, input_size: int, output_size: int) -> None:
+        self._left = count
+        self._sizes = (input_size, output_size)
+        self._free: list[_Slot] = []
+
+    def take(self) -> _Slot | None:
+        if self._free:
+            return self._free.pop()
+        if self._left:
+            self._left -= 1
+            return _Slot(*self._sizes)
+        return None
+
+    def give(self, slot: _Slot) -> None:
+        self._free.append(slot)
+
+
+def _compressor(cache: _Compressors, level: int) -> Any:
+    compressor = cache.by_level.get(level)
+    if compressor is None:
+        import zstandard  # only archives that compress need it
+
+        compressor = zstandard.ZstdCompressor(level=level, write_checksum=False)
+        cache.by_level[level] = compressor
+    return compressor
 
 
 class ArchiveWriter:
@@ -112,7 +154,8 @@ class ArchiveWriter:
 
     Call `close()` (or use it as a context manager) to seal the last segment; an
     archive that is not closed reads as truncated, never as complete. Segments are
-    compressed and sealed on worker threads and written to `dest` in order.
+    compressed and sealed on worker threads and written to `dest` in order, from a
+    fixed set of buffers: memory stays at a few segments.
     """
 
     def __init__(self, dest: Writable, header: ArchiveHeader, data_key: bytes) -> None:
@@ -120,55 +163,68 @@ class ArchiveWriter:
             raise ValueError("only format version 2 is written")
         self._aead = AESGCM(segment_key(data_key, header.salt))
         self._level = header.compression_level if header.compression is Compression.ZSTD else 0
-        self._size = header.segment_size
+        self._size = size = header.segment_size
         raw = header.encode()
         self._digest = hashlib.sha256(raw).digest()
         self._dest = dest
         _write_all(dest, raw + self._aead.encrypt(v1.HEADER_NONCE, b"", raw))
         self._compressors = _Compressors()
         self._executor: ThreadPoolExecutor | None = None
-        self._depth = _worker_count() + 2
-        self._pending: collections.deque[Future[bytes]] = collections.deque()
-        self._buffer = bytearray(self._size)
+        self._depth = _worker_count() + 1
+        self._pool = _Pool(self._depth + 2, size, RECORD.size + size + TAG_SIZE)
+        self._pending: collections.deque[tuple[Future[memoryview], _Slot]] = collections.deque()
+        self._slot = self._acquire()
         self._fill = 0
         self._segment = 0
         self._closed = False
         self.plaintext_bytes = 0
         self.stored_bytes = len(raw) + TAG_SIZE
 
-    def _seal(self, segment: int, data: bytearray | bytes, length: int, last: bool) -> bytes:
-        plaintext: bytes | memoryview = memoryview(data)[:length]
+    def _seal(self, segment: int, slot: _Slot, length: int, last: bool) -> memoryview:
+        plaintext: bytes | memoryview = slot.input[:length]
         flags = FLAG_LAST if last else 0
         if self._level and length:
-            compressor = self._compressors.by_level.get(self._level)
-            if compressor is None:
-                import zstandard
-
-                compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=False)
-                self._compressors.by_level[self._level] = compressor
-            packed = compressor.compress(plaintext)  # type: ignore[attr-defined]
-            if len(packed) < length:  # stored raw when it does not shrink
-                plaintext, flags = packed, flags | FLAG_ZSTD
+            compressor = _compressor(self._compressors, self._level)
+            sample = plaintext[:_SAMPLE]
+            if length <= _SAMPLE or len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN:
+                packed = compressor.compress(plaintext)
+                if len(packed) < length:  # stored raw when it does not shrink
+                    plaintext, flags = packed, flags | FLAG_ZSTD
         aad = _SEGMENT_AAD.pack(self._digest, segment, flags, length)
-        nonce = v1.segment_nonce(segment)
-        sealed = self._aead.encrypt(nonce, plaintext, aad)
-        return RECORD.pack(flags, len(sealed) - TAG_SIZE, length) + sealed
+        stored = len(plaintext)
+        record = slot.output[: RECORD.size + stored + TAG_SIZE]
+        RECORD.pack_into(record, 0, flags, stored, length)
+        self._aead.encrypt_into(v1.segment_nonce(segment), plaintext, aad, record[RECORD.size :])
+        return record
 
-    def _submit(self, data: bytearray, length: int, last: bool) -> None:
+    def _acquire(self) -> _Slot:
+        while (slot := self._pool.take()) is None:
+            self._emit_oldest()
+        return slot
+
+    def _emit_oldest(self) -> None:
+        future, slot = self._pending.popleft()
+        try:
+            record = future.result()
+            _write_all(self._dest, record)
+            self.stored_bytes += len(record)
+        finally:
+            self._pool.give(slot)
+
+    def _submit(self, slot: _Slot, length: int, last: bool) -> None:
         segment = self._segment
         self._segment += 1
-        if last and not self._pending:
-            self._emit(self._seal(segment, data, length, last))  # no thread for one segment
+        if last and not self._pending:  # no thread for a one-segment archive
+            record = self._seal(segment, slot, length, last)
+            _write_all(self._dest, record)
+            self.stored_bytes += len(record)
+            self._pool.give(slot)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
-        self._pending.append(self._executor.submit(self._seal, segment, data, length, last))
+        self._pending.append((self._executor.submit(self._seal, segment, slot, length, last), slot))
         while len(self._pending) > (0 if last else self._depth):
-            self._emit(self._pending.popleft().result())
-
-    def _emit(self, record: bytes) -> None:
-        _write_all(self._dest, record)
-        self.stored_bytes += len(record)
+            self._emit_oldest()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed:
@@ -178,10 +234,10 @@ class ArchiveWriter:
         while taken < len(view):
             # Keep a full segment back: only close() knows whether it is the last one.
             if self._fill == self._size:
-                self._submit(self._buffer, self._fill, last=False)
-                self._buffer, self._fill = bytearray(self._size), 0
+                self._submit(self._slot, self._fill, last=False)
+                self._slot, self._fill = self._acquire(), 0
             count = min(self._size - self._fill, len(view) - taken)
-            self._buffer[self._fill : self._fill + count] = view[taken : taken + count]
+            self._slot.input[self._fill : self._fill + count] = view[taken : taken + count]
             self._fill += count
             taken += count
         self.plaintext_bytes += taken
@@ -197,18 +253,19 @@ class ArchiveWriter:
             if limit >= 0:
                 room = min(room, limit - total)
             if self._fill < self._size:
-                count = source.readinto(memoryview(self._buffer)[self._fill : self._fill + room])
+                count = source.readinto(self._slot.input[self._fill : self._fill + room])
                 if not count:
                     break
                 self._fill += count
             else:
                 # Only a read past the full segment tells whether it is the last one.
-                spare = bytearray(self._size)
-                count = source.readinto(memoryview(spare)[:room])
+                spare = self._acquire()
+                count = source.readinto(spare.input[:room])
                 if not count:
+                    self._pool.give(spare)
                     break
-                self._submit(self._buffer, self._fill, last=False)
-                self._buffer, self._fill = spare, count
+                self._submit(self._slot, self._fill, last=False)
+                self._slot, self._fill = spare, count
             total += count
         self.plaintext_bytes += total
         return total
@@ -218,12 +275,12 @@ class ArchiveWriter:
             return
         self._closed = True
         try:
-            self._submit(self._buffer, self._fill, last=True)
+            self._submit(self._slot, self._fill, last=True)
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for future in self._pending:
+        for future, _ in self._pending:
             future.cancel()
         self._pending.clear()
         if self._executor is not None:
@@ -257,44 +314,46 @@ def _read_into(stream: BinaryIO, buffer: memoryview) -> int:
     return filled
 
 
-def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterator[bytes]:
+def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterator[memoryview]:
     header = parsed.header
     aead = AESGCM(segment_key(data_key, header.salt))
     digest = v1.authenticate_header(parsed, aead)
     size = header.segment_size
     decompressors = _Compressors()
 
-    def open_segment(segment: int, flags: int, length: int, sealed: bytearray) -> bytes:
+    def open_segment(segment: int, flags: int, stored: int, length: int, slot: _Slot) -> memoryview:
         aad = _SEGMENT_AAD.pack(digest, segment, flags, length)
+        plaintext = slot.output[:stored]
         try:
-            plaintext = aead.decrypt(v1.segment_nonce(segment), sealed, aad)
+            aead.decrypt_into(v1.segment_nonce(segment), slot.input[: stored + TAG_SIZE], aad,
+                              plaintext)  # fmt: skip
         except InvalidTag:
             raise SegmentError(
                 segment,
                 f"segment {segment} failed authentication: it was modified, truncated, "
                 "reordered or comes from another archive",
             ) from None
-        if flags & FLAG_ZSTD:
-            import zstandard
+        if not flags & FLAG_ZSTD:
+            return plaintext
+        import zstandard
 
-            decompressor = decompressors.by_level.get(0)
-            if decompressor is None:
-                decompressor = zstandard.ZstdDecompressor()
-                decompressors.by_level[0] = decompressor
-            try:
-                plaintext = decompressor.decompress(  # type: ignore[attr-defined]
-                    plaintext, max_output_size=length
-                )
-            except zstandard.ZstdError as exc:
-                raise PayloadError(f"segment {segment} does not decompress: {exc}") from None
-            if len(plaintext) != length:
-                raise PayloadError(f"segment {segment} decompresses to the wrong length")
-        return plaintext
+        decompressor = decompressors.by_level.get(0)
+        if decompressor is None:
+            decompressor = zstandard.ZstdDecompressor()
+            decompressors.by_level[0] = decompressor
+        try:
+            unpacked = decompressor.decompress(plaintext, max_output_size=length)  # type: ignore[attr-defined]
+        except zstandard.ZstdError as exc:
+            raise PayloadError(f"segment {segment} does not decompress: {exc}") from None
+        if len(unpacked) != length:
+            raise PayloadError(f"segment {segment} decompresses to the wrong length")
+        return memoryview(unpacked)
 
-    def next_record(segment: int) -> tuple[int, int, bytearray] | None:
-        """Read one record; None at end of input. Lengths are checked before any work."""
-        prefix = bytearray(RECORD.size)
-        got = _read_into(stream, memoryview(prefix))
+    prefix = memoryview(bytearray(RECORD.size))
+
+    def next_record(segment: int, slot: _Slot) -> tuple[int, int, int] | None:
+        """Read one record into `slot`; None at end of input. Lengths checked before any work."""
+        got = _read_into(stream, prefix)
         if got == 0:
             return None
         if got < RECORD.size:
@@ -310,26 +369,28 @@ def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterato
             not flags & FLAG_ZSTD and stored != length
         ):
             raise SegmentError(segment, f"segment {segment} has an impossible stored length")
-        sealed = bytearray(stored + TAG_SIZE)
-        if _read_into(stream, memoryview(sealed)) < len(sealed):
+        if _read_into(stream, slot.input[: stored + TAG_SIZE]) < stored + TAG_SIZE:
             raise TruncatedError(f"archive truncated inside segment {segment}")
-        return flags, length, sealed
+        return flags, stored, length
 
     executor: ThreadPoolExecutor | None = None
-    pending: collections.deque[tuple[Future[bytes], bool]] = collections.deque()
     depth = _worker_count() + 1
+    pool = _Pool(depth + 1, size + TAG_SIZE, size)  # one more: the segment being consumed
+    pending: collections.deque[tuple[Future[memoryview], _Slot, bool]] = collections.deque()
     segment = 0
     ended = False
     deferred: ArchiveError | None = None  # raised once the segments before it are out
     try:
         while True:
-            while not ended and len(pending) < depth:
+            while not ended and len(pending) < depth and (slot := pool.take()) is not None:
                 try:
-                    record = next_record(segment)
+                    record = next_record(segment, slot)
                 except ArchiveError as exc:
+                    pool.give(slot)
                     deferred, ended = exc, True
                     break
                 if record is None:
+                    pool.give(slot)
                     deferred = TruncatedError(
                         f"archive truncated: it ends after segment {segment - 1} "
                         "without a last segment"
@@ -338,36 +399,45 @@ def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterato
                     )
                     ended = True
                     break
-                flags, length, sealed = record
+                flags, stored, length = record
                 ended = bool(flags & FLAG_LAST)
                 if executor is None and not (ended and segment == 0):
                     executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
                 if executor is None:
-                    done: Future[bytes] = Future()
-                    done.set_result(open_segment(segment, flags, length, sealed))
-                    pending.append((done, ended))
+                    done: Future[memoryview] = Future()
+                    done.set_result(open_segment(segment, flags, stored, length, slot))
+                    pending.append((done, slot, ended))
                 else:
-                    job = executor.submit(open_segment, segment, flags, length, sealed)
-                    pending.append((job, ended))
+                    job = executor.submit(open_segment, segment, flags, stored, length, slot)
+                    pending.append((job, slot, ended))
                 segment += 1
             if not pending:
                 if deferred is not None:
                     raise deferred
                 return
-            future, last = pending.popleft()
-            plaintext = future.result()
-            if last and stream.read(1):
-                raise TrailingDataError(f"unexpected data after the last segment ({segment - 1})")
-            yield plaintext
+            future, slot, last = pending.popleft()
+            try:
+                plaintext = future.result()
+                if last and stream.read(1):
+                    raise TrailingDataError(
+                        f"unexpected data after the last segment ({segment - 1})"
+                    )
+                yield plaintext  # valid until the consumer asks for the next segment
+            finally:
+                pool.give(slot)
     finally:
-        for future, _ in pending:
+        for future, _, _ in pending:
             future.cancel()
         if executor is not None:
             executor.shutdown(wait=True)
 
 
-def iter_segments(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterator[bytes]:
+def iter_segments(
+    stream: BinaryIO, parsed: ParsedHeader, data_key: bytes
+) -> Iterator[bytes | memoryview]:
     """Each segment's plaintext, in order, once its tag verified.
+
+    A view yielded stays valid only until the next segment is asked for.
 
     Raises an `ArchiveError` naming what failed; everything yielded so far stays
     unverified as a whole until the iterator is exhausted (the archive may be cut short).
@@ -390,7 +460,7 @@ class PlaintextReader:
 
     def __init__(
         self,
-        segments: Iterator[bytes],
+        segments: Iterator[bytes | memoryview],
         on_segment: Callable[[int], None] | None = None,
     ) -> None:
         self._segments = segments
@@ -419,15 +489,15 @@ class PlaintextReader:
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             return b"".join(bytes(v) for v in iter(self.readview, memoryview(b"")))
-        parts: list[memoryview] = []
+        parts: list[bytes] = []  # copies: a view lasts only until the next segment
         wanted = size
         while wanted:
             view = self.readview(wanted)
             if not view:
                 break
-            parts.append(view)
+            parts.append(view.tobytes())
             wanted -= len(view)
-        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def readinto(self, buffer: memoryview) -> int:
         view = self.readview(len(buffer))

@@ -388,8 +388,10 @@ class Extractor:
         *,
         warn: Callable[[str], None],
         includes: Sequence[str] = (),
+        special_files: bool = False,
     ) -> None:
         self._root = root
+        self._special_files = special_files
         self._warn = warn
         self._owner = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         self._dirs: set[str] = {""}  # directories created here: the only valid parents
@@ -431,8 +433,11 @@ class Extractor:
             if entry.kind == FILE:
                 reader.skip_data(entry)
             return
-        path = self._place(entry)
         kind = entry.kind
+        if kind in _SPECIAL and not self._special_files:
+            self._warn(f"warning: skipping {entry.path}: a special file (see --special-files)")
+            return
+        path = self._place(entry)
         if kind == DIRECTORY:
             os.mkdir(path, 0o700)
             self._dirs.add(entry.path)

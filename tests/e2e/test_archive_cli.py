@@ -57,7 +57,7 @@ def test_a_tree_with_one_of_everything_round_trips(server: DevServer, tmp_path: 
     make_full_tree(tmp_path / "src", special=True)
     archive = tmp_path / "tree.kms"
     ok(backup(server, str(tmp_path / "src"), "-o", str(archive), "--special-files"))
-    ok(restore(server, str(archive), "-o", str(tmp_path / "out")))
+    ok(restore(server, str(archive), "-o", str(tmp_path / "out"), "--special-files"))
     assert_same_tree(tmp_path / "src", tmp_path / "out")
     assert sorted(os.listdir(tmp_path)) == sorted(["src", "tree.kms", "out", "kms-data",
                                                     "ready", "server.log"])  # fmt: skip
@@ -97,8 +97,11 @@ def test_special_files_are_skipped_with_a_warning_unless_asked_for(
     ok(restore(server, str(tmp_path / "t.kms"), "-o", str(tmp_path / "out")))
     assert os.listdir(tmp_path / "out") == []
     ok(backup(server, str(src), "-o", str(tmp_path / "s.kms"), "--special-files"))
-    ok(restore(server, str(tmp_path / "s.kms"), "-o", str(tmp_path / "out2")))
-    assert stat.S_ISFIFO((tmp_path / "out2" / "fifo").lstat().st_mode)
+    skipped = ok(restore(server, str(tmp_path / "s.kms"), "-o", str(tmp_path / "out2")))
+    assert b"warning: skipping fifo" in skipped.stderr
+    assert os.listdir(tmp_path / "out2") == []
+    ok(restore(server, str(tmp_path / "s.kms"), "-o", str(tmp_path / "out3"), "--special-files"))
+    assert stat.S_ISFIFO((tmp_path / "out3" / "fifo").lstat().st_mode)
 
 
 def test_a_single_file_keeps_its_mode_and_mtime(server: DevServer, tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def seal(payload: bytes, header: ArchiveHeader | None = None, key: bytes = KEY) 
 def open_archive(archive: bytes, key: bytes = KEY) -> bytes:
     stream = io.BytesIO(archive)
     parsed = read_header(stream)
-    return b"".join(iter_segments(stream, parsed, key))
+    return b"".join(bytes(p) for p in iter_segments(stream, parsed, key))
 
 
 def header_size(archive: bytes) -> int:
@@ -449,7 +449,7 @@ def test_reader_releases_verified_segments_before_a_later_failure() -> None:
     released = []
     with pytest.raises(SegmentError, match="segment 7"):
         for plaintext in iter_segments(stream, read_header(stream), KEY):
-            released.append(plaintext)
+            released.append(bytes(plaintext))  # a view lasts until the next segment
     assert b"".join(released) == payload[: 7 * SEGMENT]
 
 

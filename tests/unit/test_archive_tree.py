@@ -58,10 +58,14 @@ def reader_of(archive: bytes) -> EntryReader:
     return EntryReader(PlaintextReader(iter_segments(stream, read_header(stream), KEY)))
 
 
-def extract(archive: bytes, target: Path, includes: tuple[str, ...] = ()) -> list[str]:
+def extract(
+    archive: bytes, target: Path, includes: tuple[str, ...] = (), special_files: bool = True
+) -> list[str]:
     warnings: list[str] = []
     target.mkdir()
-    extractor = Extractor(str(target), warn=warnings.append, includes=includes)
+    extractor = Extractor(
+        str(target), warn=warnings.append, includes=includes, special_files=special_files
+    )
     entries = reader_of(archive)
     while (entry := entries.next()) is not None:
         extractor.extract(entries, entry)
@@ -217,4 +221,14 @@ def test_a_hard_link_to_an_unrestored_name_is_skipped_with_a_warning(tmp_path: P
     archive = forged(entry(HARDLINK, "h", link_target("missing")), END_ENTRY)
     warnings = extract(archive, tmp_path / "out")
     assert warnings and "missing" in warnings[0]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_restore_creates_special_files_only_when_asked(tmp_path: Path) -> None:
+    root = tmp_path / "src"
+    root.mkdir()
+    os.mkfifo(root / "fifo")
+    archive, _ = archive_tree(root, special_files=True)
+    warnings = extract(archive, tmp_path / "out", special_files=False)
+    assert warnings == ["warning: skipping fifo: a special file (see --special-files)"]
     assert list((tmp_path / "out").iterdir()) == []
