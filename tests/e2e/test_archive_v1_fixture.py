@@ -95,3 +95,15 @@ def test_a_damaged_version_1_archive_is_refused(v1_server: DevServer, tmp_path: 
     done = v1_server.run("restore", "--verify", str(tmp_path / "damaged.kms"), role="restore")
     assert done.returncode == 1
     assert b"failed authentication" in done.stderr
+
+
+def test_a_version_1_tree_lists_and_its_header_inspects(v1_server: DevServer) -> None:
+    listing = restore(v1_server, "tree.kms", "--list")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.decode().splitlines()
+    assert any(line.endswith(" sub/b.bin") and " 256 " in line for line in lines)
+    assert any(line.endswith(" link -> a.txt") for line in lines)
+    inspected = restore(v1_server, "tree.kms", "--inspect")
+    assert inspected.returncode == 0, inspected.stderr
+    assert b"format version: 1" in inspected.stdout
+    assert b"compression: none" in inspected.stdout
