@@ -192,9 +192,10 @@ def _program(name: str, module: str) -> list[str]:
 
 
 def archive_round_trip(
-    kms: KmsProcess, key_name: str, size_bytes: int, shm: Path
-) -> dict[str, dict[str, float]]:
-    """kms-backup then kms-restore of a `size_bytes` file, all three files in memory (/dev/shm)."""
+    kms: KmsProcess, key_name: str, size_bytes: int, shm: Path, *, against_age: bool = True
+) -> dict[str, Any]:
+    """kms-backup then kms-restore of a `size_bytes` file, all three files in memory (/dev/shm),
+    then (unless `against_age` is false) the comparison with age, printed as it ends."""
     shm.mkdir(parents=True, exist_ok=True)
     source, archive, restored = shm / "source.bin", shm / "source.kms", shm / "restored.bin"
     try:
@@ -247,7 +248,7 @@ def archive_round_trip(
             "cpu_seconds": round(run.cpu_seconds, 3),
         }
 
-    return {
+    results: dict[str, Any] = {
         "input": {
             "bytes": size_bytes,
             "archive_bytes": archive_bytes,
@@ -257,6 +258,10 @@ def archive_round_trip(
         "backup": figures(made),
         "restore": figures(opened),
     }
+    if against_age:
+        results["age"] = age_comparison(kms, key_name, size_bytes, shm.with_name(shm.name + "-age"))
+        print(render_age(results["age"]), flush=True)
+    return results
 
 
 AGE_MISSING = "age is not installed (Debian: apt-get install age); the comparison was skipped"
@@ -439,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                 env=child_environment(),
                 capture_output=True,
             )
-            results["round_trip"] = archive_round_trip(kms, "bench", size, work / "trip")
+            results["round_trip"] = archive_round_trip(
+                kms, "bench", size, work / "trip", against_age=False
+            )
             results["age"] = age_comparison(kms, "bench", size, work / "age", args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
