@@ -380,7 +380,12 @@ def apply_metadata(
 
 
 class Extractor:
-    """Materialises entries under `root`, a directory this process just created."""
+    """Materialises entries under `root`, a directory this process just created.
+
+    Memory stays flat whatever the number of entries: the filesystem itself says
+    what exists (every create is exclusive), and only the directories from the root
+    down to the current entry are held, so their metadata is set as each one is left.
+    """
 
     def __init__(
         self,
@@ -394,9 +399,9 @@ class Extractor:
         self._special_files = special_files
         self._warn = warn
         self._owner = os.geteuid() == 0 if hasattr(os, "geteuid") else False
-        self._dirs: set[str] = {""}  # directories created here: the only valid parents
-        self._made: set[str] = set()  # every name created, so none is created twice
-        self._dir_meta: list[tuple[str, Entry]] = []
+        # The directories created here from the root down to the last entry: the only
+        # valid parents, since the archive lists a directory's entries right after it.
+        self._open: list[tuple[str, Entry]] = []
         self._includes = [p.strip("/") for p in includes]
         self.matched: set[str] = set()
         self.root_entry: Entry | None = None
@@ -408,25 +413,33 @@ class Extractor:
             if path == include or path.startswith(include + "/"):
                 self.matched.add(include)
                 return True
-            if include.startswith(path + "/") or path == "":
+            if include.startswith(path + "/"):
                 return True  # a parent of something included
         return False
+
+    def _close_until(self, parent: str) -> None:
+        """Set the metadata of every open directory that is not `parent` or above it."""
+        while self._open:
+            path = self._open[-1][0]
+            if parent == path or parent.startswith(path + "/"):
+                return
+            _, entry = self._open.pop()
+            apply_metadata(os.path.join(self._root, path), entry, fd=None, warn=self._warn,
+                           owner=self._owner)  # fmt: skip
 
     def _place(self, entry: Entry) -> str:
         parts = check_name(entry.path)
         parent = "/".join(parts[:-1])
-        if parent not in self._dirs:
+        self._close_until(parent)
+        if parent != (self._open[-1][0] if self._open else ""):
             raise PayloadError(f"refusing entry {entry.path!r}: its parent is not a directory "
-                               "of this archive")  # fmt: skip
-        if entry.path in self._made:
-            raise PayloadError(f"refusing entry {entry.path!r}: it appears twice")
-        self._made.add(entry.path)
+                               "just before it in this archive")  # fmt: skip
         return os.path.join(self._root, entry.path)
 
     def extract(self, reader: EntryReader, entry: Entry) -> None:
         if entry.path == "":
-            if entry.kind != DIRECTORY:
-                raise PayloadError("the root entry of a tree must be a directory")
+            if entry.kind != DIRECTORY or self.root_entry is not None:
+                raise PayloadError("the root entry of a tree must be one directory")
             self.root_entry = entry
             return
         if not self._wanted(entry.path):
@@ -438,10 +451,16 @@ class Extractor:
             self._warn(f"warning: skipping {entry.path}: a special file (see --special-files)")
             return
         path = self._place(entry)
+        try:
+            self._create(reader, entry, path)
+        except FileExistsError:
+            raise PayloadError(f"refusing entry {entry.path!r}: it appears twice") from None
+
+    def _create(self, reader: EntryReader, entry: Entry, path: str) -> None:
+        kind = entry.kind
         if kind == DIRECTORY:
             os.mkdir(path, 0o700)
-            self._dirs.add(entry.path)
-            self._dir_meta.append((path, entry))
+            self._open.append((entry.path, entry))
         elif kind == FILE:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(path, flags, 0o600)
@@ -454,22 +473,37 @@ class Extractor:
             os.symlink(entry.link, path)
             apply_metadata(path, entry, fd=None, warn=self._warn, owner=self._owner)
         elif kind == HARDLINK:
-            check_name(entry.link)
-            if entry.link not in self._made or entry.link in self._dirs:
+            target = self._link_target(entry.link)
+            if target is None:
                 self._warn(f"warning: skipping hard link {entry.path}: {entry.link} "
                            "was not restored")  # fmt: skip
-                self._made.discard(entry.path)
                 return
-            os.link(os.path.join(self._root, entry.link), path, follow_symlinks=False)
+            os.link(target, path, follow_symlinks=False)
         else:
             os.mknod(path, 0o600 | _SPECIAL[kind], entry.rdev)
             apply_metadata(path, entry, fd=None, warn=self._warn, owner=self._owner)
 
+    def _link_target(self, name: str) -> str | None:
+        """The restored non-directory `name`, reached without following any symlink."""
+        parts = check_name(name)
+        if not parts:
+            return None
+        current = self._root
+        for index, part in enumerate(parts):
+            current = os.path.join(current, part)
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                return None
+            last = index == len(parts) - 1
+            if (not last and not stat.S_ISDIR(mode)) or (last and stat.S_ISDIR(mode)):
+                return None
+        return current
+
     def finish(self) -> None:
         """Directory metadata last and deepest first: adding entries changes a directory's
         mtime, and a read-only directory could not be filled."""
-        for path, entry in reversed(self._dir_meta):
-            apply_metadata(path, entry, fd=None, warn=self._warn, owner=self._owner)
+        self._close_until("\0")  # no path lies under that: closes them all
         if self.root_entry is not None:
             apply_metadata(self._root, self.root_entry, fd=None, warn=self._warn,
                            owner=self._owner)  # fmt: skip

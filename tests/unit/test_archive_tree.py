@@ -183,6 +183,8 @@ END_ENTRY = ENTRY.pack(END, 0, 0, 0, 0, 0, 0, 0)
             "parent is not a directory",
         ),
         ([entry(DIRECTORY, "d"), entry(DIRECTORY, "d")], "appears twice"),
+        ([entry(FILE, "f", NO_DATA), entry(FILE, "f", NO_DATA)], "appears twice"),
+        ([entry(DIRECTORY, "a"), entry(DIRECTORY, "b"), entry(FILE, "a/x", NO_DATA)], "parent"),
         ([entry(FILE, "f", FILE_DATA.pack(10, 1) + struct.pack(">QQ", 5, 10))], "extents"),
         ([entry(b"Z", "f")], "unknown entry type"),
         ([entry(FILE, "f", FILE_DATA.pack(0, 0), mode=0o170000)], "out of range"),
@@ -196,6 +198,8 @@ END_ENTRY = ENTRY.pack(END, 0, 0, 0, 0, 0, 0, 0)
         "dot",
         "through-symlink",
         "twice",
+        "file-twice",
+        "out-of-order",
         "extent-past-end",
         "unknown-type",
         "mode",
@@ -232,3 +236,16 @@ def test_restore_creates_special_files_only_when_asked(tmp_path: Path) -> None:
     warnings = extract(archive, tmp_path / "out", special_files=False)
     assert warnings == ["warning: skipping fifo: a special file (see --special-files)"]
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_hard_link_through_a_symlinked_directory_is_not_followed(tmp_path: Path) -> None:
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_text("not in the archive")
+    archive = forged(
+        entry(SYMLINK, "up", link_target(str(tmp_path / "outside"))),
+        entry(HARDLINK, "h", link_target("up/secret")),
+        END_ENTRY,
+    )
+    warnings = extract(archive, tmp_path / "out")
+    assert warnings and "up/secret" in warnings[0]
+    assert not (tmp_path / "out" / "h").exists()
