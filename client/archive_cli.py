@@ -60,8 +60,8 @@ class Progress:
 
     def __init__(self, total: int | None, *, enabled: bool, out: TextIO | None = None) -> None:
         self._out = out or sys.stderr
-        self._enabled = enabled and self._out.isatty()
-        self._total = total
+        self.enabled = enabled and self._out.isatty()
+        self.total = total
         self._done = 0
         self._started = time.monotonic()
         self._shown = 0.0
@@ -69,7 +69,7 @@ class Progress:
 
     def advance(self, count: int) -> None:
         self._done += count
-        if not self._enabled:
+        if not self.enabled:
             return
         now = time.monotonic()
         if now - self._shown < self.INTERVAL:
@@ -78,11 +78,11 @@ class Progress:
         elapsed = max(now - self._started, 1e-6)
         rate = self._done / elapsed
         line = f"{_human(self._done)}"
-        if self._total:
-            line += f" of {_human(self._total)} ({min(100, 100 * self._done // self._total)}%)"
+        if self.total:
+            line += f" of {_human(self.total)} ({min(100, 100 * self._done // self.total)}%)"
         line += f"  {_human(rate)}/s"
-        if self._total and rate > 0:
-            left = max(self._total - self._done, 0) / rate
+        if self.total and rate > 0:
+            left = max(self.total - self._done, 0) / rate
             line += f"  ETA {int(left) // 60}:{int(left) % 60:02d}"
         self._out.write("\r" + line.ljust(60))
         self._out.flush()

@@ -28,7 +28,7 @@ from client.archive import (
     PayloadKind,
     parse_compression,
 )
-from client.archive.tree import Scanner
+from client.archive.tree import Scanner, data_size
 from client.archive_cli import (
     EXIT_INTERRUPTED,
     FdWriter,
@@ -242,6 +242,15 @@ def create_archive(
         compression_level=compression[1],
     )
     progress = Progress(plan.total, enabled=not quiet)
+    if progress.enabled and plan.kind is PayloadKind.TREE:
+        # One quick walk for the ETA, only when a terminal shows the progress line.
+        total = 0
+        for source in plan.sources:
+            if os.path.isdir(source):
+                total += data_size(source, excludes or [])
+            else:
+                total += os.stat(source).st_size
+        progress.total = total or None
     options = {"excludes": excludes or [], "special_files": special_files}
     try:
         if plan.target is None:

@@ -147,6 +147,38 @@ def _short_string(value: str) -> bytes:
     return struct.pack(">H", len(raw)) + raw
 
 
+def is_excluded(relative: str, patterns: Sequence[str]) -> bool:
+    """A pattern with a / matches the path below the source, one without matches the name."""
+    base = relative.rsplit("/", 1)[-1]
+    for pattern in patterns:
+        target = relative if "/" in pattern.strip("/") else base
+        if fnmatch.fnmatchcase(target, pattern.strip("/")):
+            return True
+    return False
+
+
+def data_size(root: str, excludes: Sequence[str], prefix: str = "") -> int:
+    """About the bytes a backup of `root` will read (for the progress line's ETA)."""
+    total = 0
+    try:
+        children = list(os.scandir(root))
+    except OSError:
+        return 0
+    for child in children:
+        relative = f"{prefix}/{child.name}" if prefix else child.name
+        if is_excluded(relative, excludes):
+            continue
+        try:
+            info = child.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            total += data_size(child.path, excludes, relative)
+        elif stat.S_ISREG(info.st_mode):
+            total += min(info.st_size, info.st_blocks * 512)  # holes are not read
+    return total
+
+
 @dataclass
 class Scanner:
     """Writes sources into a sink in the tree encoding; counts and warns as it goes."""
@@ -160,12 +192,7 @@ class Scanner:
     _links: dict[tuple[int, int], str] = field(default_factory=dict)
 
     def excluded(self, relative: str) -> bool:
-        base = relative.rsplit("/", 1)[-1]
-        for pattern in self.excludes:
-            target = relative if "/" in pattern.strip("/") else base
-            if fnmatch.fnmatchcase(target, pattern.strip("/")):
-                return True
-        return False
+        return is_excluded(relative, self.excludes)
 
     def add_file(self, source: str, name: str, *, follow: bool = False) -> None:
         """One regular file (the whole payload of a file backup, or a tree member)."""

@@ -380,18 +380,12 @@ def test_usage_errors_exit_2(
     assert b"does not exist" in done.stderr
 
 
-def test_progress_shows_on_a_terminal_and_never_in_a_pipe(
-    server: DevServer, tmp_path: Path
-) -> None:
-    (tmp_path / "f").write_bytes(os.urandom(16 << 20))
-    piped = ok(backup(server, str(tmp_path / "f"), "-o", str(tmp_path / "p.kms")))
-    assert b"\r" not in piped.stderr
+def on_a_terminal(argv: list[str]) -> bytes:
+    """Run a program with its stderr on a pseudo-terminal; returns what it drew there."""
     primary, secondary = pty.openpty()
     child = subprocess.Popen(
-        command(server, "backup", "backup", "create", "--key", KEY, str(tmp_path / "f"), "-o",
-                str(tmp_path / "t.kms")),
-        stderr=secondary, stdout=subprocess.DEVNULL, cwd=REPO, env=child_environment(),
-    )  # fmt: skip
+        argv, stderr=secondary, stdout=subprocess.DEVNULL, cwd=REPO, env=child_environment()
+    )
     os.close(secondary)
     seen = b""
     while True:
@@ -406,9 +400,25 @@ def test_progress_shows_on_a_terminal_and_never_in_a_pipe(
             break
         seen += chunk
     os.close(primary)
-    assert child.wait(timeout=60) == 0
-    assert b"/s" in seen and b"MiB" in seen
-    quiet = ok(backup(server, str(tmp_path / "f"), "-o", str(tmp_path / "q.kms"), "--quiet"))
+    assert child.wait(timeout=60) == 0, seen
+    return seen
+
+
+def test_progress_shows_on_a_terminal_and_never_in_a_pipe(
+    server: DevServer, tmp_path: Path
+) -> None:
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(os.urandom(16 << 20))
+    piped = ok(backup(server, str(tmp_path / "tree" / "f"), "-o", str(tmp_path / "p.kms")))
+    assert b"\r" not in piped.stderr
+    for source, archive in [("tree/f", "f.kms"), ("tree", "t.kms")]:
+        argv = ["create", "--key", KEY, str(tmp_path / source), "-o", str(tmp_path / archive)]
+        seen = on_a_terminal(command(server, "backup", "backup", *argv))
+        assert b"/s" in seen and b"MiB" in seen and b"ETA" in seen, seen
+    seen = on_a_terminal(command(server, "restore", "restore", str(tmp_path / "t.kms"), "-o",
+                                 str(tmp_path / "restored")))  # fmt: skip
+    assert b"ETA" in seen, seen
+    quiet = ok(backup(server, str(tmp_path / "tree"), "-o", str(tmp_path / "q.kms"), "--quiet"))
     assert quiet.stdout == b"" and quiet.stderr == b""
 
 

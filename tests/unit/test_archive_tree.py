@@ -29,6 +29,7 @@ from client.archive.tree import (
     EntryReader,
     Extractor,
     Scanner,
+    data_size,
     iter_entries,
 )
 from tests.tree_checker import HOLE, assert_same_tree, describe, make_full_tree
@@ -249,3 +250,10 @@ def test_a_hard_link_through_a_symlinked_directory_is_not_followed(tmp_path: Pat
     warnings = extract(archive, tmp_path / "out")
     assert warnings and "up/secret" in warnings[0]
     assert not (tmp_path / "out" / "h").exists()
+
+
+def test_data_size_counts_what_a_backup_reads_for_the_eta(tmp_path: Path) -> None:
+    make_full_tree(tmp_path / "src")
+    total = data_size(str(tmp_path / "src"), [])
+    assert 3 << 20 < total < 4 << 20  # the 24 MiB of holes are not read
+    assert data_size(str(tmp_path / "src"), ["deeper"]) < 1 << 20
