@@ -317,7 +317,7 @@ def _restore_tree(
         # Renaming a directory may touch its own times on some filesystems.
         os.utime(target, ns=(root_times.st_atime_ns, root_times.st_mtime_ns))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        tree_format.remove_tree(str(staging))
         raise
 
 

@@ -31,6 +31,7 @@ from client.archive.tree import (
     Scanner,
     data_size,
     iter_entries,
+    remove_tree,
 )
 from tests.tree_checker import HOLE, assert_same_tree, describe, make_full_tree
 
@@ -257,3 +258,27 @@ def test_data_size_counts_what_a_backup_reads_for_the_eta(tmp_path: Path) -> Non
     total = data_size(str(tmp_path / "src"), [])
     assert 3 << 20 < total < 4 << 20  # the 24 MiB of holes are not read
     assert data_size(str(tmp_path / "src"), ["deeper"]) < 1 << 20
+
+
+def test_a_device_node_that_needs_root_is_skipped_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = ENTRY.pack(b"C", 4, 0o600, 0, 0, 0, 0, 0) + b"null" + struct.pack(">Q", 259)
+    archive = forged(device, END_ENTRY)
+
+    def refuse(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "mknod", refuse)
+    warnings = extract(archive, tmp_path / "out")
+    assert warnings == ["warning: skipping null: creating a device node needs root"]
+
+
+def test_remove_tree_removes_read_only_directories_too(tmp_path: Path) -> None:
+    (tmp_path / "staging" / "ro").mkdir(parents=True)
+    (tmp_path / "staging" / "ro" / "inside").write_text("x")
+    os.symlink("/etc", tmp_path / "staging" / "link")
+    os.chmod(tmp_path / "staging" / "ro", 0o555)
+    remove_tree(str(tmp_path / "staging"))
+    assert not (tmp_path / "staging").exists()
+    assert os.stat("/etc").st_mode & 0o777 != 0o700  # the symlink was not followed
