@@ -442,10 +442,18 @@ def print_listing(result: RestoreResult, *, as_json: bool) -> None:
         return
     if not entries:
         print(f"(a {result.header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes)")
+
+    def shown(name: str) -> str:  # names that are not UTF-8 print as escapes, never fail
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
     for e in entries:
         link = {tree_format.SYMLINK: " -> ", tree_format.HARDLINK: " link to "}.get(e.kind, "")
-        print(f"{tree_format.describe_mode(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
-              f"{_time(e.mtime_ns)} {e.path or '.'}{link}{e.link if link else ''}")  # fmt: skip
+        target = shown(e.link) if link else ""
+        name = shown(e.path) or "."
+        print(
+            f"{tree_format.describe_mode(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
+            f"{_time(e.mtime_ns)} {name}{link}{target}"
+        )
 
 
 def print_summary(result: RestoreResult, *, as_json: bool) -> None:

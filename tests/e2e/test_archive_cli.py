@@ -428,3 +428,15 @@ def test_describe_sees_a_changed_mode(tmp_path: Path) -> None:
     before = describe(tmp_path / "a")
     os.chmod(tmp_path / "a" / "setuid", 0o755)
     assert describe(tmp_path / "a") != before
+
+
+def test_names_that_are_not_utf8_round_trip_and_list(server: DevServer, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(os.fsencode(src) + b"/bad\xffname", "wb") as out:
+        out.write(b"x")
+    ok(backup(server, str(src), "-o", str(tmp_path / "t.kms")))
+    listing = ok(restore(server, "--list", str(tmp_path / "t.kms")))
+    assert b"bad\\xffname" in listing.stdout
+    ok(restore(server, str(tmp_path / "t.kms"), "-o", str(tmp_path / "out")))
+    assert os.listdir(os.fsencode(tmp_path / "out")) == [b"bad\xffname"]
