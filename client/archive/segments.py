@@ -107,6 +107,10 @@ DEFAULT_ZSTD_LEVEL = 3
 # (random, encrypted or already compressed data) is stored raw without the full attempt.
 _SAMPLE = 32 << 10
 _SAMPLE_GAIN = 0.98
+# After this many raw segments in a row, only every _RETRY-th segment is even sampled, until
+# one compresses again: incompressible input then costs about nothing extra.
+_RAW_STREAK = 8
+_RETRY = 16
 
 
 class _Slot:
@@ -169,6 +173,7 @@ class ArchiveWriter:
         self._dest = dest
         _write_all(dest, raw + self._aead.encrypt(v1.HEADER_NONCE, b"", raw))
         self._compressors = _Compressors()
+        self._raw_streak = 0  # segments stored raw in a row
         self._executor: ThreadPoolExecutor | None = None
         self._depth = _worker_count() + 1
         self._pool = _Pool(self._depth + 2, size, RECORD.size + size + TAG_SIZE)
@@ -183,13 +188,15 @@ class ArchiveWriter:
     def _seal(self, segment: int, slot: _Slot, length: int, last: bool) -> memoryview:
         plaintext: bytes | memoryview = slot.input[:length]
         flags = FLAG_LAST if last else 0
-        if self._level and length:
+        if self._level and length and (self._raw_streak < _RAW_STREAK or segment % _RETRY == 0):
             compressor = _compressor(self._compressors, self._level)
             sample = plaintext[:_SAMPLE]
             if length <= _SAMPLE or len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN:
                 packed = compressor.compress(plaintext)
                 if len(packed) < length:  # stored raw when it does not shrink
                     plaintext, flags = packed, flags | FLAG_ZSTD
+            # Updated from several workers: an occasional lost update only shifts a retry.
+            self._raw_streak = 0 if flags & FLAG_ZSTD else self._raw_streak + 1
         aad = _SEGMENT_AAD.pack(self._digest, segment, flags, length)
         stored = len(plaintext)
         record = slot.output[: RECORD.size + stored + TAG_SIZE]

@@ -511,3 +511,16 @@ def test_a_bad_compression_argument_names_itself(text: str) -> None:
         return
     with pytest.raises(ValueError, match="--compression"):
         parse_compression(text)
+
+
+def test_after_a_run_of_raw_segments_compressible_data_is_compressed_again() -> None:
+    # Random data first: the writer stops sampling every segment; text afterwards must still
+    # be found within the retry interval and compressed from there on.
+    size = 64 << 10
+    header = make_header(segment_size=size, compression=Compression.ZSTD)
+    payload = os.urandom(20 * size) + b"INSERT INTO t VALUES (1, 'abc');\n" * (40 * size // 33)
+    archive = seal(payload, header)
+    flags = [RECORD.unpack_from(part)[0] for part in segments(archive)]
+    assert not any(flag & FLAG_ZSTD for flag in flags[:20])
+    assert all(flag & FLAG_ZSTD for flag in flags[32:-1])
+    assert open_archive(archive) == payload
