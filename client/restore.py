@@ -1,26 +1,33 @@
 """kms-restore: verify and decrypt an archive made by kms-backup.
 
-    kms-restore ARCHIVE -o TARGET [--force]
-    kms-restore --verify ARCHIVE
+    kms-restore ARCHIVE -o TARGET [--force] [--include PATH]...
+    kms-restore ARCHIVE -o -            (a file or stream, to standard output)
+    kms-restore --verify ARCHIVE | --list ARCHIVE | --inspect ARCHIVE
 
-Nothing unverified becomes visible: the payload is decrypted to a temporary
-path beside TARGET and renamed into place only after the last segment
-verified; a tree is extracted (safely) only from a fully verified tar.
+A restore to a path becomes visible only once every segment verified: a file is
+written unnamed (or under a hidden name) and linked into place, a tree is built in a
+hidden staging directory beside TARGET and renamed into place. To standard output,
+each segment is released as soon as its tag verifies, so a consumer must check the
+exit status (as with age): anything but 0 means the output is incomplete or forged.
+Exit status: 0 done, 1 the operation failed (server refused, archive failed
+verification), 2 usage or configuration error, 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import grpc
 
@@ -30,29 +37,35 @@ from client.archive import (
     ArchiveHeader,
     ParsedHeader,
     PayloadKind,
-    decrypt_to,
+    PlaintextReader,
+    iter_segments,
     read_header,
-    verify,
+)
+from client.archive import tree as tree_format
+from client.archive_cli import (
+    EXIT_INTERRUPTED,
+    Interrupted,
+    Progress,
+    ProgressReader,
+    atomic_file,
+    install_signal_handlers,
+    silence_stdout,
 )
 from client.cli_common import (
     EXIT_OK,
     CliError,
     CliParser,
+    UsageError,
     add_version,
     describe_kms_error,
     fsync_directory,
-    remove_quietly,
     run_main,
 )
 from client.kms_client import KmsClient, KmsError, add_connection_args, config_from_args
 from kms.v1 import kms_pb2
 
-if TYPE_CHECKING:
-    import tarfile
-
 PROG = "kms-restore"
 STDIO = "-"
-COPY_CHUNK = 1 << 20
 
 
 class RestoreError(Exception):
@@ -64,18 +77,50 @@ class RestoreResult:
     header: ArchiveHeader
     plaintext_bytes: int
     target: str | None
+    listing: list[tree_format.Entry] | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = CliParser(prog=PROG, description="Verify and restore an encrypted backup archive.")
+    parser = CliParser(
+        prog=PROG,
+        description="Verify and restore an encrypted backup archive.",
+        epilog="To standard output (-o -) each segment is written as soon as it verified: "
+        "check the exit status, anything but 0 means the output is incomplete or was forged "
+        "and must be discarded. Exit status: 0 done, 1 the operation failed (server refused, "
+        "archive failed verification), 2 usage or configuration error, 130 interrupted.",
+    )
     add_version(parser, PROG)
     parser.add_argument("archive", help="archive path, or - for stdin")
-    parser.add_argument("-o", "--output", help="where to restore; - for stdout")
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "-o", "--output",
+        help="where to restore; - for stdout (files and streams only, released as verified)",
+    )  # fmt: skip
+    mode.add_argument(
         "--verify", action="store_true", help="check the whole archive, write nothing"
     )
+    mode.add_argument(
+        "--list", action="store_true",
+        help="print names, sizes, modes and times, once the whole archive verified",
+    )  # fmt: skip
+    mode.add_argument(
+        "--inspect", action="store_true",
+        help="print the header only (no server call, no key, nothing verified)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--include", action="append", default=[], metavar="PATH",
+        help="restore only PATH (a file or directory of the tree, relative to its top); "
+        "repeatable",
+    )  # fmt: skip
+    parser.add_argument(
+        "--special-files", action="store_true",
+        help="create the FIFOs and device nodes a tree holds (skipped with a warning otherwise)",
+    )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="replace an existing target")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress line and no summary"
+    )
     add_connection_args(parser)
     return parser
 
@@ -131,18 +176,41 @@ def open_archive(archive: str) -> Iterator[BinaryIO]:
     if archive == STDIO:
         yield sys.stdin.buffer
         return
-    with open(archive, "rb") as stream:
+    try:
+        stream = open(archive, "rb")  # noqa: SIM115  (closed below)
+    except OSError as exc:
+        # Exit 1, like any file that cannot be read: the argument is well-formed.
+        raise CliError(f"cannot open archive {archive}: {exc.strerror}") from None
+    with stream:
         yield stream
 
 
+def check_target(target: Path, kind: PayloadKind, *, force: bool) -> None:
+    """Refuse what must never be replaced, before anything is decrypted."""
+    if not target.parent.is_dir():
+        raise UsageError(f"directory {target.parent} does not exist")
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        return
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode) or stat.S_ISLNK(info.st_mode)):
+        raise UsageError(f"{target} is not a regular file or directory: restore never replaces "
+                         "it (use -o - to write to standard output)")  # fmt: skip
+    if stat.S_ISDIR(info.st_mode) and kind is not PayloadKind.TREE:
+        raise UsageError(f"{target} is a directory and the archive holds a single "
+                         f"{kind.name.lower()}: give the path of the file to create")  # fmt: skip
+    if not force:
+        raise RestoreError(f"{target} already exists (use --force to replace it)")
+
+
 def _install(staged: Path, target: Path, *, force: bool) -> None:
-    """Rename the verified result into place, replacing the old target only with --force."""
+    """Rename the verified tree into place, replacing the old target only with --force."""
     if not (target.exists() or target.is_symlink()):
         os.rename(staged, target)
     elif not force:
         raise RestoreError(f"{target} already exists (use --force to replace it)")
-    elif target.is_dir() and not target.is_symlink():
-        # A directory cannot be replaced by one rename: move it aside first, then drop it.
+    else:
+        # A directory cannot be replaced by one rename: move the old target aside first.
         aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
         os.rename(target, aside / "old")
         try:
@@ -152,100 +220,235 @@ def _install(staged: Path, target: Path, *, force: bool) -> None:
             shutil.rmtree(aside, ignore_errors=True)
             raise
         shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staged, target)
     fsync_directory(target.parent)
 
 
-def _decrypt_to_temp_file(
-    stream: BinaryIO, parsed: ParsedHeader, data_key: bytes, directory: Path, prefix: str
-) -> tuple[Path, int]:
-    """Decrypt the whole archive into a new temporary file; deleted again on failure."""
-    with tempfile.NamedTemporaryFile(
-        dir=directory, prefix=prefix, suffix=".restoring", delete=False
-    ) as handle:
-        path = Path(handle.name)
-        try:
-            size = decrypt_to(stream, parsed, data_key, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:
-            handle.close()
-            remove_quietly(path)
-            raise
-    return path, size
+def _warn(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
 
 
-def _restore_symlink_times(tar: tarfile.TarFile, staging: Path) -> None:
-    """tarfile leaves a symlink's own mtime at "now"; set it without following the link."""
-    import tarfile
+def _write_stdout(view: memoryview) -> None:
+    fd = sys.stdout.fileno()
+    while view:
+        view = view[os.write(fd, view) :]
 
-    if os.utime not in os.supports_follow_symlinks:
+
+def _restore_to_stdout(reader: PlaintextReader, header: ArchiveHeader) -> None:
+    sys.stdout.flush()
+    if header.version == 2 and header.payload_kind is PayloadKind.FILE:
+        entries = tree_format.EntryReader(reader)
+        entry = _single_file(entries)
+        zeros = memoryview(bytes(tree_format.COPY_CHUNK))
+        position = [0]
+
+        def emit(offset: int, view: memoryview) -> None:
+            while position[0] < offset:  # a hole: zeros, as reading the file would give
+                count = min(len(zeros), offset - position[0])
+                _write_stdout(zeros[:count])
+                position[0] += count
+            _write_stdout(view)
+            position[0] += len(view)
+
+        entries.copy_data(entry, lambda offset, view: emit(offset, view))
+        emit(entry.size, memoryview(b""))
+        if entries.next() is not None:
+            raise ArchiveError("a file archive holds more than one entry")
         return
-    for member in tar.getmembers():
-        if member.issym():
-            # Same checks as the extraction itself, so the path is inside staging.
-            safe = tarfile.tar_filter(member, str(staging))
-            os.utime(staging / safe.name, (safe.mtime, safe.mtime), follow_symlinks=False)
+    while view := reader.readview():
+        _write_stdout(view)
 
 
-def _extract_tree(payload: Path, target: Path, *, force: bool) -> None:
-    """Extract a verified tar into a staging directory beside target, then rename it in."""
-    import tarfile  # only trees need it (a measurable part of start-up otherwise)
+def _single_file(entries: tree_format.EntryReader) -> tree_format.Entry:
+    entry = entries.next()
+    if entry is None or entry.kind != tree_format.FILE:
+        raise ArchiveError("a file archive must hold exactly one file entry")
+    return entry
 
+
+def _restore_file(
+    reader: PlaintextReader, header: ArchiveHeader, target: Path, force: bool
+) -> None:
+    with atomic_file(target, ".restoring") as out:
+        if header.version == 2 and header.payload_kind is PayloadKind.FILE:
+            entries = tree_format.EntryReader(reader)
+            entry = _single_file(entries)
+            tree_format.write_file_data(out.fd, entries, entry)
+            if entries.next() is not None:
+                raise ArchiveError("a file archive holds more than one entry")
+            tree_format.apply_metadata(str(target), entry, fd=out.fd, warn=_warn,
+                                       owner=os.geteuid() == 0)  # fmt: skip
+        else:
+            while view := reader.readview():
+                tree_format.write_all_fd(out.fd, view)
+            # Like a file written by `cat > target`, not the 0600 of a temporary file.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(out.fd, 0o666 & ~umask)
+        out.commit(replace=force)
+
+
+def _restore_tree(
+    reader: PlaintextReader,
+    header: ArchiveHeader,
+    target: Path,
+    force: bool,
+    includes: list[str],
+    special_files: bool,
+) -> None:
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
     try:
-        with tarfile.open(payload, mode="r:") as tar:
-            # The "tar" filter refuses absolute names, "..", links out of the tree and devices.
-            tar.extractall(staging, filter="tar")
-            _restore_symlink_times(tar, staging)
+        if header.version == 1:
+            _extract_v1_tar(reader, staging)
+        else:
+            extractor = tree_format.Extractor(
+                str(staging), warn=_warn, includes=includes, special_files=special_files
+            )
+            entries = tree_format.EntryReader(reader)
+            while (entry := entries.next()) is not None:
+                extractor.extract(entries, entry)
+            extractor.finish()
         root_times = os.stat(staging)
         _install(staging, target, force=force)
         # Renaming a directory may touch its own times on some filesystems.
         os.utime(target, ns=(root_times.st_atime_ns, root_times.st_mtime_ns))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        tree_format.remove_tree(str(staging))
         raise
 
 
-def restore(
-    client: KmsClient, archive: str, output: str | None, *, force: bool = False
-) -> RestoreResult:
-    """Verify `archive` end to end and, unless output is None, restore it to `output`."""
-    target = None if output in (None, STDIO) else Path(output)
-    if target is not None and not force and (target.exists() or target.is_symlink()):
-        raise RestoreError(f"{output} already exists (use --force to replace it)")
-    if target is not None and not target.parent.is_dir():
-        raise RestoreError(f"directory {target.parent} does not exist")
+def _extract_v1_tar(reader: PlaintextReader, staging: Path) -> None:
+    """Version 1 trees are tars: streamed through tarfile's safe "tar" filter."""
+    import tarfile
 
-    with open_archive(archive) as stream:
-        parsed = read_header(stream)
-        header = parsed.header
-        data_key = resolve_data_key(client, header)
-        if output is None:
-            size = verify(stream, parsed, data_key)
-        elif target is None:
-            # stdout cannot be taken back: verify everything into a private temp file first.
-            with tempfile.TemporaryFile() as verified:
-                size = decrypt_to(stream, parsed, data_key, verified)
-                verified.seek(0)
-                shutil.copyfileobj(verified, sys.stdout.buffer, COPY_CHUNK)
-                sys.stdout.buffer.flush()
+    with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+        tar.extractall(staging, filter="tar")
+        if os.utime in os.supports_follow_symlinks:
+            for member in tar.members:
+                if member.issym():
+                    safe = tarfile.tar_filter(member, str(staging))
+                    os.utime(staging / safe.name, (safe.mtime, safe.mtime), follow_symlinks=False)
+
+
+def _list(reader: PlaintextReader, header: ArchiveHeader) -> list[tree_format.Entry]:
+    if header.version == 2 and header.payload_kind is not PayloadKind.STREAM:
+        return list(tree_format.iter_entries(tree_format.EntryReader(reader)))
+    if header.version == 1 and header.payload_kind is PayloadKind.TREE:
+        import tarfile
+
+        listing = []
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                kind = (
+                    tree_format.DIRECTORY
+                    if member.isdir()
+                    else (tree_format.SYMLINK if member.issym() else tree_format.FILE)
+                )
+                name = "" if member.name == "." else member.name.removeprefix("./")
+                listing.append(tree_format.Entry(
+                    kind, name, member.mode & 0o7777, member.uid, member.gid, 0,
+                    int(member.mtime * 1e9), size=member.size, link=member.linkname,
+                ))  # fmt: skip
+        reader.drain()
+        return listing
+    reader.drain()
+    return []
+
+
+def restore(
+    client: KmsClient,
+    stream: BinaryIO,
+    parsed: ParsedHeader,
+    output: str | None,
+    *,
+    action: str = "restore",
+    force: bool = False,
+    includes: list[str] | None = None,
+    special_files: bool = False,
+    quiet: bool = False,
+    total: int | None = None,
+) -> RestoreResult:
+    """Verify the archive end to end and restore it (or verify, or list it)."""
+    header = parsed.header
+    data_key = resolve_data_key(client, header)
+    progress = Progress(total, enabled=not quiet)
+    try:
+        counted = ProgressReader(stream, progress)
+        reader = PlaintextReader(iter_segments(counted, parsed, data_key))  # type: ignore[arg-type]
+        listing = None
+        if action == "verify":
+            if header.version == 2 and header.payload_kind is not PayloadKind.STREAM:
+                for _ in tree_format.iter_entries(tree_format.EntryReader(reader)):
+                    pass  # the payload encoding is checked too, nothing is kept
+            reader.drain()
+        elif action == "list":
+            listing = _list(reader, header)
+        elif output == STDIO:
+            _restore_to_stdout(reader, header)
         else:
-            prefix = f".{target.name}."
-            payload, size = _decrypt_to_temp_file(stream, parsed, data_key, target.parent, prefix)
-            try:
-                if header.payload_kind is PayloadKind.TREE:
-                    _extract_tree(payload, target, force=force)
-                else:
-                    # Like a file written by `cat > target`, not the 0600 of a temp file.
-                    umask = os.umask(0)
-                    os.umask(umask)
-                    os.chmod(payload, 0o666 & ~umask)
-                    _install(payload, target, force=force)
-            finally:
-                remove_quietly(payload)
-    return RestoreResult(header=header, plaintext_bytes=size, target=output)
+            assert output is not None
+            target = Path(output)
+            if header.payload_kind is PayloadKind.TREE:
+                _restore_tree(reader, header, target, force, includes or [], special_files)
+            else:
+                _restore_file(reader, header, target, force)
+    finally:
+        progress.close()
+    return RestoreResult(header, reader.plaintext_bytes, output, listing)
+
+
+def header_summary(header: ArchiveHeader) -> dict[str, object]:
+    created = datetime.datetime.fromtimestamp(header.create_time, datetime.UTC)
+    return {
+        "backup_id": header.backup_id,
+        "key": header.key_name,
+        "key_version": header.key_version,
+        "format_version": header.version,
+        "created": created.isoformat().replace("+00:00", "Z"),
+        "payload": header.payload_kind.name.lower(),
+        "compression": header.compression_label,
+        "segment_size": header.segment_size,
+    }
+
+
+def print_inspect(header: ArchiveHeader, *, as_json: bool) -> None:
+    summary = header_summary(header)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    for name, value in summary.items():
+        print(f"{name.replace('_', ' ')}: {value}")
+
+
+def _time(ns: int) -> str:
+    when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def print_listing(result: RestoreResult, *, as_json: bool) -> None:
+    entries = result.listing or []
+    if as_json:
+        rows = [
+            {"path": e.path or ".", "type": tree_format.describe_mode(e)[0], "mode": oct(e.mode),
+             "size": e.size, "mtime_ns": e.mtime_ns, "uid": e.uid, "gid": e.gid,
+             **({"link": e.link} if e.link else {})}
+            for e in entries
+        ]  # fmt: skip
+        print(json.dumps({**header_summary(result.header), "entries": rows}))
+        return
+    if not entries:
+        print(f"(a {result.header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes)")
+
+    def shown(name: str) -> str:  # names that are not UTF-8 print as escapes, never fail
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+    for e in entries:
+        link = {tree_format.SYMLINK: " -> ", tree_format.HARDLINK: " link to "}.get(e.kind, "")
+        target = shown(e.link) if link else ""
+        name = shown(e.path) or "."
+        print(
+            f"{tree_format.describe_mode(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
+            f"{_time(e.mtime_ns)} {name}{link}{target}"
+        )
 
 
 def print_summary(result: RestoreResult, *, as_json: bool) -> None:
@@ -264,7 +467,11 @@ def print_summary(result: RestoreResult, *, as_json: bool) -> None:
         }
         print(json.dumps(summary), file=out)
         return
-    action = f"restored to {result.target}" if result.target else "verified"
+    action = "verified"
+    if result.target == STDIO:
+        action = "written to standard output"
+    elif result.target:
+        action = f"restored to {result.target}"
     print(
         f"backup {header.backup_id} (key {header.key_name} version {header.key_version}, "
         f"{header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes): {action}",
@@ -272,37 +479,81 @@ def print_summary(result: RestoreResult, *, as_json: bool) -> None:
     )
 
 
-def _is_tar_error(exc: BaseException) -> bool:
-    """A tarfile error, without importing tarfile for restores that never used it."""
-    tarfile = sys.modules.get("tarfile")
-    return tarfile is not None and isinstance(exc, tarfile.TarError)
+def _prepare(args: argparse.Namespace, header: ArchiveHeader) -> None:
+    """Usage checks that need the (unverified) header: cheap, and before any server call."""
+    if args.include and header.payload_kind is not PayloadKind.TREE:
+        raise UsageError("--include needs a tree archive")
+    if args.include and header.version == 1:
+        raise UsageError("--include needs a format version 2 archive")
+    if args.include and args.output is None:
+        raise UsageError("--include needs -o TARGET")
+    if args.output == STDIO and header.payload_kind is PayloadKind.TREE:
+        raise UsageError("a tree cannot go to standard output: give -o DIRECTORY, or --list")
+    if args.output not in (None, STDIO):
+        check_target(Path(args.output), header.payload_kind, force=args.force)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.verify == (args.output is not None):
-        raise CliError("give exactly one of -o TARGET or --verify", exit_code=2, code="USAGE")
+    """The exit-code table is cli_common's (run_main); this maps what only a restore meets."""
+    # The connection settings are checked before the archive is read (--inspect needs none).
+    config = None if args.inspect else config_from_args(args)
     try:
-        with KmsClient(config_from_args(args)) as client:
-            result = restore(client, args.archive, args.output, force=args.force)
+        with open_archive(args.archive) as stream:
+            try:
+                parsed = read_header(stream)
+            except ArchiveError as exc:
+                raise _failed_verification(args.archive, exc) from None
+            if args.inspect:
+                print_inspect(parsed.header, as_json=args.json)
+                return EXIT_OK
+            _prepare(args, parsed.header)
+            assert config is not None
+            total = None
+            if args.archive != STDIO:
+                total = max(os.fstat(stream.fileno()).st_size, 0) or None
+            action = "verify" if args.verify else "list" if args.list else "restore"
+            with KmsClient(config) as client:
+                result = restore(
+                    client, stream, parsed, args.output, action=action, force=args.force,
+                    includes=args.include, special_files=args.special_files,
+                    quiet=args.quiet or args.list, total=total,
+                )  # fmt: skip
+    except Interrupted as exc:
+        raise _interrupted(f"interrupted ({exc}); nothing restored") from None
+    except KeyboardInterrupt:
+        raise _interrupted("interrupted; nothing restored") from None
     except ArchiveError as exc:
-        raise CliError(
-            f"archive {args.archive} failed verification: {exc}", reason="ARCHIVE_INVALID"
-        ) from None
+        raise _failed_verification(args.archive, exc) from None
     except RestoreError as exc:
         raise CliError(str(exc)) from None
+    except BrokenPipeError:
+        # Not the quiet stop of a listing: the reader got an incomplete restore.
+        silence_stdout()
+        raise CliError("standard output was closed before the restore finished") from None
     except Exception as exc:
-        if not _is_tar_error(exc):
+        tarfile = sys.modules.get("tarfile")
+        if tarfile is None or not isinstance(exc, tarfile.TarError):
             raise
         # Also raised by the extraction filter for members that would escape the target.
         raise CliError(f"refusing to extract the tree: {exc}") from None
-    print_summary(
-        result,
-        as_json=args.json,
-    )
+    if args.list:
+        print_listing(result, as_json=args.json)
+    elif not args.quiet or args.json:
+        print_summary(result, as_json=args.json)
     return EXIT_OK
 
 
+def _failed_verification(archive: str, exc: ArchiveError) -> CliError:
+    return CliError(f"archive {archive} failed verification: {exc}", reason="ARCHIVE_INVALID")
+
+
+def _interrupted(message: str) -> CliError:
+    return CliError(message, exit_code=EXIT_INTERRUPTED, code="INTERRUPTED")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # handlers are process-wide: only when running as the program
+        install_signal_handlers()
     return run_main(PROG, build_parser, run, argv)
 
 

@@ -19,6 +19,7 @@ import pytest
 from client import backup, restore
 from client.archive import (
     DEFAULT_SEGMENT_SIZE,
+    RECORD,
     TAG_SIZE,
     ArchiveHeader,
     ArchiveWriter,
@@ -201,7 +202,6 @@ def test_disabled_key_version_blocks_restore_until_enabled(kms: RunningKms, tmp_
 
 # Each takes (archive bytes, another archive's bytes) and returns the damaged archive.
 Tamper = Callable[[bytes, bytes], bytes]
-CHUNK = DEFAULT_SEGMENT_SIZE + TAG_SIZE
 
 
 def header_length(archive: bytes) -> int:
@@ -209,15 +209,23 @@ def header_length(archive: bytes) -> int:
 
 
 def split(archive: bytes) -> tuple[bytes, list[bytes]]:
+    """The header, then each segment record cut by its own length field."""
     start = header_length(archive)
-    body = archive[start:]
-    return archive[:start], [body[i : i + CHUNK] for i in range(0, len(body), CHUNK)]
+    body, parts = archive[start:], []
+    while body:
+        _, stored, _ = RECORD.unpack_from(body)
+        size = RECORD.size + stored + TAG_SIZE
+        parts.append(body[:size])
+        body = body[size:]
+    return archive[:start], parts
 
 
 def flip_bit_in_segment(archive: bytes, _other: bytes) -> bytes:
-    damaged = bytearray(archive)
-    damaged[header_length(archive) + CHUNK + 1000] ^= 0x10
-    return bytes(damaged)
+    header, parts = split(archive)
+    damaged = bytearray(parts[1])
+    damaged[1000] ^= 0x10
+    parts[1] = bytes(damaged)
+    return header + b"".join(parts)
 
 
 def edit_header(archive: bytes, _other: bytes) -> bytes:
@@ -264,11 +272,11 @@ TAMPERINGS: dict[str, tuple[Tamper, str]] = {
     "bit-flip": (flip_bit_in_segment, "segment 1"),
     "header-edit": (edit_header, "header"),
     "truncated-at-boundary": (truncate_at_boundary, "truncated"),
-    "truncated-mid-segment": (truncate_mid_segment, "segment 3"),
+    "truncated-mid-segment": (truncate_mid_segment, "truncated inside segment 3"),
     "dropped-segment": (drop_segment, "segment 1"),
     "reordered": (reorder_segments, "segment 0"),
     "duplicated": (duplicate_segment, "segment 2"),
-    "appended": (append_data, "segment 3"),
+    "appended": (append_data, "after the last segment"),
     "spliced": (splice_from_other_archive, "segment 1"),
 }
 
