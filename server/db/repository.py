@@ -313,7 +313,14 @@ class DataKeyStore:
     ) -> None:
         """Multi-row INSERTs of 64, 32, ... 1 rows: a batch of n rows takes at most
         log2(n) + 1 statements instead of n (SQLite releases the GIL for each, and getting
-        it back is what costs in a busy server), from at most 7 texts per table."""
+        it back is what costs in a busy server), from at most 7 texts per table.
+
+        On PostgreSQL one single-row statement for all rows instead: psycopg pipelines an
+        executemany into one round trip, and parses the statement once, where it would parse
+        every multi-row text again (it caches only statements of few parameters)."""
+        if self._run.dialect_name == "postgresql":
+            self._run.run_many(self._sql.insert(table, columns, 1), rows)
+            return
         start = 0
         while start < len(rows):
             count = min(MAX_ROWS_PER_INSERT, 1 << ((len(rows) - start).bit_length() - 1))
