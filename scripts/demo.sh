@@ -74,4 +74,9 @@ step "The audit log (auditor role) and its hash chain"
 as auditor kmsctl audit list
 as auditor kmsctl audit verify
 
+step "An export signed by the server, verified offline (no server, no database)"
+as auditor kmsctl audit public-key >"$WORK/audit-signing.pem"
+as auditor kmsctl audit export -o "$WORK/audit.jsonl"
+kmsctl audit verify-export "$WORK/audit.jsonl" --public-key "$WORK/audit-signing.pem"
+
 step "Done: the server stops now. Everything is under $WORK"
