@@ -132,8 +132,11 @@ def create_server(
             on_unavailable=probe.check_now if probe is not None else None,
             audit_sink=audit_file,
             material_cache_seconds=settings.material_cache_seconds,
+            destroy_delay_seconds=settings.destroy_delay_seconds,
         )
         service.check_root_key()
+        # Carries out destructions that fell due while the server was down, then keeps looking.
+        service.lifecycle.start()
         if settings.metrics_listen:
             metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names it."""
+
+
+DEFAULT_DESTROY_DELAY_SECONDS = 7 * 86400
+MIN_DESTROY_DELAY_SECONDS = 86400  # outside dev mode
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class ServerSettings:
     process_index: int | None = None
     audit_file: Path | None = None
     material_cache_seconds: int = 60
+    # The waiting period of DestroyKeyVersion (server.usecases.lifecycle).
+    destroy_delay_seconds: int = DEFAULT_DESTROY_DELAY_SECONDS
 
     @property
     def uses_tls(self) -> bool:
@@ -119,6 +128,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "KMS_AUDIT_FILE",
         "also append every audit event to this file as a JSON line, fsynced before the reply; "
         "calls fail closed when it cannot be written; SIGHUP reopens it (default: off)",
+    ),
+    (
+        "--destroy-delay",
+        "KMS_DESTROY_DELAY",
+        "how long a destroyed key version waits, cancellable, before it is crypto-shredded: "
+        "30s, 15m, 24h, 7d; at least 24h unless --dev (default 7d)",
     ),
     (
         "--material-cache-seconds",
@@ -213,6 +228,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         material_cache_seconds=_cache_seconds(
             value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
         ),
+        destroy_delay_seconds=_destroy_delay(value("--destroy-delay", "KMS_DESTROY_DELAY"), dev),
     )
     if settings.log_format not in ("json", "text"):
         raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")
@@ -238,6 +254,29 @@ def _cache_seconds(raw: str | None) -> int:
             f"from 0 to 60, not {raw!r}"
         )
     return int(raw)
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in a duration such as 30s, 15m, 24h or 7d; ConfigError otherwise."""
+    match = _DURATION.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(f"{raw!r} is not a duration such as 30s, 15m, 24h or 7d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _destroy_delay(raw: str | None, dev: bool) -> int:
+    if raw is None:
+        return DEFAULT_DESTROY_DELAY_SECONDS
+    try:
+        seconds = parse_duration(raw)
+    except ConfigError as error:
+        raise ConfigError(f"--destroy-delay / KMS_DESTROY_DELAY: {error}") from None
+    if seconds < MIN_DESTROY_DELAY_SECONDS and not dev:
+        raise ConfigError(
+            "--destroy-delay / KMS_DESTROY_DELAY must be at least 24h (shorter only with --dev), "
+            f"not {raw!r}"
+        )
+    return seconds
 
 
 def listen_host(listen: str) -> str:

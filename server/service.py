@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import random
 import time
@@ -125,6 +126,7 @@ class KeyManagementService:
         on_unavailable: Callable[[], None] | None = None,
         audit_sink: AuditSink | None = None,
         material_cache_seconds: float = DEFAULT_MAX_AGE_SECONDS,
+        destroy_delay_seconds: float = 0.0,
     ) -> None:
         self._engine = engine
         self._sessions = make_sessionmaker(engine)
@@ -137,9 +139,14 @@ class KeyManagementService:
         self._materials = MaterialCache(material_cache_seconds)
         self._materials.start_sweeping()
         self._committer = GroupCommitter(self._run_data_key_batch)
+        from server.usecases.lifecycle import Lifecycle  # it uses this module's helpers
+
+        self.lifecycle = Lifecycle(self, destroy_delay_seconds)
 
     def close(self) -> None:
-        """Stops the group committer once in-flight calls are done, then wipes cached material."""
+        """Stops the scheduler and the group committer once in-flight calls are done, then
+        wipes cached material."""
+        self.lifecycle.stop()
         self._committer.stop()
         self._materials.close()
 
@@ -343,7 +350,8 @@ class KeyManagementService:
             model.check_key_name(key_name)
             model.check_version(version)
             key = _existing_key(repo, key_name)
-            return _version_info(_existing_version(repo, key_name, version), key.active_version)
+            row = _existing_version(repo, key_name, version)
+            return _version_info(row, key.active_version, repo.backup_count(key_name, version))
 
         return self._run(caller.name, Action.GET_VERSION, audit, work)
 
@@ -354,7 +362,11 @@ class KeyManagementService:
             _require(caller, Role.ADMIN)
             model.check_key_name(key_name)
             key = _existing_key(repo, key_name)
-            return [_version_info(row, key.active_version) for row in repo.list_versions(key_name)]
+            counts = repo.backup_counts(key_name)
+            return [
+                _version_info(row, key.active_version, counts.get(row.version, 0))
+                for row in repo.list_versions(key_name)
+            ]
 
         return self._run(caller.name, Action.LIST_VERSIONS, audit, work)
 
@@ -403,6 +415,7 @@ class KeyManagementService:
                 raise FailedPrecondition(
                     "ALREADY_ENABLED", f"{key_name} version {version} is already enabled"
                 )
+            _refuse_if_scheduled(row, "enable")
             row.state = VersionState.ENABLED
 
         return self._change_version(
@@ -412,18 +425,8 @@ class KeyManagementService:
     def destroy_key_version(
         self, caller: Principal, key_name: str, version: int, reason: str
     ) -> KeyVersionInfo:
-        def change(row: KeyVersionRow, active: int | None) -> None:
-            _refuse_if_active_or_destroyed(row, active, "destroy")
-            # Crypto-shredding: the only copy of the material is erased, not flagged.
-            row.state = VersionState.DESTROYED
-            row.wrapped_material = None
-            row.destroyed_us = now_us()
-
-        destroyed = self._change_version(
-            caller, Action.DESTROY_VERSION, key_name, version, reason, change
-        )
-        self._forget_destroyed(key_name, version)
-        return destroyed
+        """Schedules the destruction (server.usecases.lifecycle); the scheduler carries it out."""
+        return self.lifecycle.schedule_destruction(caller, key_name, version, reason)
 
     def _forget_destroyed(self, key_name: str, version: int) -> None:
         """After a destroy commits: no copy of the material in this process's cache, and on
@@ -781,7 +784,9 @@ class KeyManagementService:
             self._integrity.state.check(facts.sealed(key_name, version), facts.mac)
         except IntegrityFailure as error:
             failure = error
-        return _Version(key_name, version, facts.state, facts.wrapped_material, failure)
+        return _Version(
+            key_name, version, facts.state, facts.wrapped_material, failure, facts.destroy_due_us
+        )
 
     def _issue(
         self,
@@ -960,6 +965,8 @@ class _VersionLike(Protocol):
     def state(self) -> str: ...
     @property
     def wrapped_material(self) -> bytes | None: ...
+    @property
+    def destroy_due_us(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -969,6 +976,7 @@ class _Version:
     state: str
     wrapped_material: bytes | None
     integrity_failure: IntegrityFailure | None = None  # the row failed its MAC check
+    destroy_due_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1118,6 +1126,31 @@ def _require_usable(row: _VersionLike, what: str) -> None:
             "KEY_VERSION_DISABLED",
             f"{what}: {row.key_name} version {row.version} is disabled (enable it first)",
         )
+    if row.state == VersionState.DESTROY_SCHEDULED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROY_SCHEDULED",
+            f"{what}: {row.key_name} version {row.version} is scheduled for destruction at "
+            f"{format_time_us(row.destroy_due_us)}; until then `kmsctl cancel-destroy "
+            f"{row.key_name} {row.version}` cancels it",
+        )
+
+
+def _refuse_if_scheduled(row: KeyVersionRow, verb: str) -> None:
+    if row.state == VersionState.DESTROY_SCHEDULED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROY_SCHEDULED",
+            f"cannot {verb} {row.key_name} version {row.version}: its destruction is scheduled "
+            f"for {format_time_us(row.destroy_due_us)}; cancel it first with `kmsctl "
+            f"cancel-destroy {row.key_name} {row.version}`",
+        )
+
+
+def format_time_us(time_us: int | None) -> str:
+    """A time as people read it in messages: ISO 8601, UTC, to the second."""
+    if time_us is None:
+        return "an unknown time"
+    moment = datetime.datetime.fromtimestamp(time_us / 1e6, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _refuse_if_active_or_destroyed(row: KeyVersionRow, active: int | None, verb: str) -> None:
@@ -1132,9 +1165,12 @@ def _refuse_if_active_or_destroyed(row: KeyVersionRow, active: int | None, verb:
             "KEY_VERSION_DESTROYED",
             f"cannot {verb} {row.key_name} version {row.version}: it is already destroyed",
         )
+    _refuse_if_scheduled(row, verb)
 
 
-def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionInfo:
+def _version_info(
+    row: KeyVersionRow, active_version: int | None, backup_count: int | None = None
+) -> KeyVersionInfo:
     return KeyVersionInfo(
         key_name=row.key_name,
         version=row.version,
@@ -1143,6 +1179,9 @@ def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionI
         origin=VersionOrigin(row.origin),
         created_us=row.created_us,
         destroyed_us=row.destroyed_us,
+        destroy_due_us=row.destroy_due_us,
+        destroy_requested_by=row.destroy_requested_by,
+        backup_count=backup_count,
     )
 
 

@@ -44,6 +44,10 @@ class _KeyVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyVe
     """Temporarily unusable: its backups do not resolve until it is enabled."""
     KEY_VERSION_STATE_DESTROYED: _KeyVersionState.ValueType  # 3
     """Crypto-shredded: its material is erased and its backups are lost."""
+    KEY_VERSION_STATE_DESTROY_SCHEDULED: _KeyVersionState.ValueType  # 4
+    """Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
+    `CancelKeyVersionDestruction` returns it to DISABLED until then.
+    """
 
 class KeyVersionState(_KeyVersionState, metaclass=_KeyVersionStateEnumTypeWrapper):
     """The lifecycle state of a key version."""
@@ -56,6 +60,10 @@ KEY_VERSION_STATE_DISABLED: KeyVersionState.ValueType  # 2
 """Temporarily unusable: its backups do not resolve until it is enabled."""
 KEY_VERSION_STATE_DESTROYED: KeyVersionState.ValueType  # 3
 """Crypto-shredded: its material is erased and its backups are lost."""
+KEY_VERSION_STATE_DESTROY_SCHEDULED: KeyVersionState.ValueType  # 4
+"""Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
+`CancelKeyVersionDestruction` returns it to DISABLED until then.
+"""
 Global___KeyVersionState: _TypeAlias = KeyVersionState  # noqa: Y015
 
 class _KeyVersionOrigin:
@@ -119,6 +127,8 @@ class KeyVersion(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DESTROY_TIME_FIELD_NUMBER: _builtins.int
+    DESTROY_REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    BACKUP_COUNT_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """The name of the key this version belongs to."""
     version: _builtins.int
@@ -129,13 +139,22 @@ class KeyVersion(_message.Message):
     """Whether this is the key's active version."""
     origin: Global___KeyVersionOrigin.ValueType
     """Where the material came from."""
+    destroy_requested_by: _builtins.str
+    """The admin who asked for the destruction; empty unless one was scheduled."""
+    backup_count: _builtins.int
+    """How many backups are bound to this version (restorable only while it is
+    usable). Set by GetKeyVersion, ListKeyVersions, DestroyKeyVersion and
+    CancelKeyVersionDestruction.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was registered."""
 
     @_builtins.property
     def destroy_time(self) -> _timestamp_pb2.Timestamp:
-        """When the version was destroyed; unset unless it is destroyed."""
+        """While DESTROY_SCHEDULED, when the destruction falls due; once DESTROYED, when
+        it was carried out. Unset otherwise.
+        """
 
     def __init__(
         self,
@@ -147,14 +166,52 @@ class KeyVersion(_message.Message):
         origin: Global___KeyVersionOrigin.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         destroy_time: _timestamp_pb2.Timestamp | None = ...,
+        destroy_requested_by: _builtins.str = ...,
+        backup_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyVersion: _TypeAlias = KeyVersion  # noqa: Y015
+
+@_typing.final
+class Backup(_message.Message):
+    """One backup bound to a key version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    backup_id: _builtins.str
+    """The backup id the backup's data key was issued for."""
+    key_name: _builtins.str
+    """The key name."""
+    version: _builtins.int
+    """The key version its data key is wrapped under."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the binding was made (when GetActiveKey issued the data key)."""
+
+    def __init__(
+        self,
+        *,
+        backup_id: _builtins.str = ...,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "create_time", b"create_time", "key_name", b"key_name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Backup: _TypeAlias = Backup  # noqa: Y015
 
 @_typing.final
 class Key(_message.Message):
@@ -811,6 +868,122 @@ class DestroyKeyVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DestroyKeyVersionResponse: _TypeAlias = DestroyKeyVersionResponse  # noqa: Y015
+
+@_typing.final
+class CancelKeyVersionDestructionRequest(_message.Message):
+    """Request for `CancelKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Required. The version whose destruction is scheduled."""
+    reason: _builtins.str
+    """Optional. Why, for the audit log; at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyVersionDestructionRequest: _TypeAlias = CancelKeyVersionDestructionRequest  # noqa: Y015
+
+@_typing.final
+class CancelKeyVersionDestructionResponse(_message.Message):
+    """Response for `CancelKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_version(self) -> Global___KeyVersion:
+        """The version after the change: DISABLED."""
+
+    def __init__(
+        self,
+        *,
+        key_version: Global___KeyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyVersionDestructionResponse: _TypeAlias = CancelKeyVersionDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ListBackupsRequest(_message.Message):
+    """Request for `ListBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Optional. Only the backups bound to this version; 0 lists all of the key's."""
+    page_size: _builtins.int
+    """Optional. At most this many backups (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "page_size", b"page_size", "page_token", b"page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackupsRequest: _TypeAlias = ListBackupsRequest  # noqa: Y015
+
+@_typing.final
+class ListBackupsResponse(_message.Message):
+    """Response for `ListBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
+    @_builtins.property
+    def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backup]:
+        """The backups, by backup id."""
+
+    def __init__(
+        self,
+        *,
+        backups: _abc.Iterable[Global___Backup] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackupsResponse: _TypeAlias = ListBackupsResponse  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):

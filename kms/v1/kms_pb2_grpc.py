@@ -85,6 +85,16 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
                 _registered_method=True)
+        self.CancelKeyVersionDestruction = channel.unary_unary(
+                '/kms.v1.KeyManagementService/CancelKeyVersionDestruction',
+                request_serializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.FromString,
+                _registered_method=True)
+        self.ListBackups = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ListBackups',
+                request_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/kms.v1.KeyManagementService/ListAuditEvents',
                 request_serializer=kms_dot_v1_dot_kms__pb2.ListAuditEventsRequest.SerializeToString,
@@ -183,9 +193,29 @@ class KeyManagementServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DestroyKeyVersion(self, request, context):
-        """Crypto-shreds a version that is not active: its wrapped material is
-        erased from the database, so the backups bound to it can never be
-        resolved again. Irreversible. Role: admin.
+        """Schedules the crypto-shredding of a version that is not active: it becomes
+        DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+        its wrapped material from the database when `destroy_time` (now plus the
+        server's --destroy-delay) comes, after which the backups bound to it can never
+        be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+        response's `backup_count` says how many backups the destruction will make
+        unrestorable. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelKeyVersionDestruction(self, request, context):
+        """Cancels a scheduled destruction that has not fallen due: the version becomes
+        DISABLED, its material intact. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackups(self, request, context):
+        """Lists the backups bound to a key (or to one of its versions), by backup id:
+        what destroying that version would make unrestorable. Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -276,6 +306,16 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.DestroyKeyVersion,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.SerializeToString,
+            ),
+            'CancelKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelKeyVersionDestruction,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.SerializeToString,
+            ),
+            'ListBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackups,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -569,6 +609,60 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/DestroyKeyVersion',
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelKeyVersionDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/CancelKeyVersionDestruction',
+            kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ListBackups',
+            kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

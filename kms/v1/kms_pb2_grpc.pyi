@@ -75,9 +75,21 @@ class KeyManagementServiceStub:
     EnableKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.EnableKeyVersionRequest, _kms_pb2.EnableKeyVersionResponse]
     """Enables a disabled version again. Role: admin."""
     DestroyKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.DestroyKeyVersionRequest, _kms_pb2.DestroyKeyVersionResponse]
-    """Crypto-shreds a version that is not active: its wrapped material is
-    erased from the database, so the backups bound to it can never be
-    resolved again. Irreversible. Role: admin.
+    """Schedules the crypto-shredding of a version that is not active: it becomes
+    DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+    its wrapped material from the database when `destroy_time` (now plus the
+    server's --destroy-delay) comes, after which the backups bound to it can never
+    be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+    response's `backup_count` says how many backups the destruction will make
+    unrestorable. Role: admin.
+    """
+    CancelKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]
+    """Cancels a scheduled destruction that has not fallen due: the version becomes
+    DISABLED, its material intact. Role: admin.
+    """
+    ListBackups: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]
+    """Lists the backups bound to a key (or to one of its versions), by backup id:
+    what destroying that version would make unrestorable. Role: admin.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]
     """Lists audit events in sequence order. Role: auditor."""
@@ -133,9 +145,21 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     EnableKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.EnableKeyVersionRequest, _kms_pb2.EnableKeyVersionResponse]  # type: ignore[assignment]
     """Enables a disabled version again. Role: admin."""
     DestroyKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.DestroyKeyVersionRequest, _kms_pb2.DestroyKeyVersionResponse]  # type: ignore[assignment]
-    """Crypto-shreds a version that is not active: its wrapped material is
-    erased from the database, so the backups bound to it can never be
-    resolved again. Irreversible. Role: admin.
+    """Schedules the crypto-shredding of a version that is not active: it becomes
+    DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+    its wrapped material from the database when `destroy_time` (now plus the
+    server's --destroy-delay) comes, after which the backups bound to it can never
+    be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+    response's `backup_count` says how many backups the destruction will make
+    unrestorable. Role: admin.
+    """
+    CancelKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]  # type: ignore[assignment]
+    """Cancels a scheduled destruction that has not fallen due: the version becomes
+    DISABLED, its material intact. Role: admin.
+    """
+    ListBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]  # type: ignore[assignment]
+    """Lists the backups bound to a key (or to one of its versions), by backup id:
+    what destroying that version would make unrestorable. Role: admin.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events in sequence order. Role: auditor."""
@@ -248,9 +272,33 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kms_pb2.DestroyKeyVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kms_pb2.DestroyKeyVersionResponse, _abc.Awaitable[_kms_pb2.DestroyKeyVersionResponse]]:
-        """Crypto-shreds a version that is not active: its wrapped material is
-        erased from the database, so the backups bound to it can never be
-        resolved again. Irreversible. Role: admin.
+        """Schedules the crypto-shredding of a version that is not active: it becomes
+        DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+        its wrapped material from the database when `destroy_time` (now plus the
+        server's --destroy-delay) comes, after which the backups bound to it can never
+        be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+        response's `backup_count` says how many backups the destruction will make
+        unrestorable. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelKeyVersionDestruction(
+        self,
+        request: _kms_pb2.CancelKeyVersionDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.CancelKeyVersionDestructionResponse, _abc.Awaitable[_kms_pb2.CancelKeyVersionDestructionResponse]]:
+        """Cancels a scheduled destruction that has not fallen due: the version becomes
+        DISABLED, its material intact. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBackups(
+        self,
+        request: _kms_pb2.ListBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.ListBackupsResponse, _abc.Awaitable[_kms_pb2.ListBackupsResponse]]:
+        """Lists the backups bound to a key (or to one of its versions), by backup id:
+        what destroying that version would make unrestorable. Role: admin.
         """
 
     @_abc_1.abstractmethod

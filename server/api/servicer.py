@@ -23,6 +23,7 @@ from server.domain.model import (
     VersionState,
 )
 from server.service import BackupKeyReference, KeyManagementService
+from server.usecases.backups import list_backups
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ _STATE = {
     VersionState.ENABLED: kms_pb2.KEY_VERSION_STATE_ENABLED,
     VersionState.DISABLED: kms_pb2.KEY_VERSION_STATE_DISABLED,
     VersionState.DESTROYED: kms_pb2.KEY_VERSION_STATE_DESTROYED,
+    VersionState.DESTROY_SCHEDULED: kms_pb2.KEY_VERSION_STATE_DESTROY_SCHEDULED,
 }
 _ORIGIN = {
     VersionOrigin.GENERATED: kms_pb2.KEY_VERSION_ORIGIN_GENERATED,
@@ -198,6 +200,44 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         )
         return kms_pb2.DestroyKeyVersionResponse(key_version=_key_version(info))
 
+    def CancelKeyVersionDestruction(
+        self, request: kms_pb2.CancelKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.CancelKeyVersionDestructionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.lifecycle.cancel_destruction(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.CancelKeyVersionDestructionResponse(key_version=_key_version(info))
+
+    def ListBackups(
+        self, request: kms_pb2.ListBackupsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ListBackupsResponse:
+        backups, next_token = _call(
+            context,
+            lambda caller: list_backups(
+                self._service,
+                caller,
+                request.key_name,
+                request.version,
+                request.page_size,
+                request.page_token,
+            ),
+        )
+        return kms_pb2.ListBackupsResponse(
+            backups=[
+                kms_pb2.Backup(
+                    backup_id=b.backup_id,
+                    key_name=b.key_name,
+                    version=b.version,
+                    create_time=_timestamp(b.created_us),
+                )
+                for b in backups
+            ],
+            next_page_token=next_token,
+        )
+
     def ListAuditEvents(
         self, request: kms_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
     ) -> kms_pb2.ListAuditEventsResponse:
@@ -299,6 +339,10 @@ def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
     )
     if info.destroyed_us is not None:
         message.destroy_time.CopyFrom(_timestamp(info.destroyed_us))
+    elif info.destroy_due_us is not None:
+        message.destroy_time.CopyFrom(_timestamp(info.destroy_due_us))
+    message.destroy_requested_by = info.destroy_requested_by or ""
+    message.backup_count = info.backup_count or 0
     return message
 
 

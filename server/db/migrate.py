@@ -19,9 +19,25 @@ def alembic_config(url: str = "") -> Config:
 
 def upgrade(engine: Engine) -> None:
     config = alembic_config()
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        raw = connection.connection.driver_connection
+        if sqlite:
+            # Changing a CHECK constraint means rebuilding the table, and dropping a table that
+            # others refer to: as SQLite's documentation prescribes, foreign keys are off for
+            # the upgrade (set outside its transaction) and checked all at once before commit.
+            raw.execute("PRAGMA foreign_keys=OFF")
+        try:
+            with connection.begin():
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"the upgrade broke foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 def pending(engine: Engine) -> tuple[str | None, str]:

@@ -185,6 +185,25 @@ class Repository(MetaStore):
         )
         return keys, versions
 
+    def due_destructions(self, now_us: int, limit: int) -> list[tuple[str, int]]:
+        """Scheduled destructions due by `now_us`, unchecked (each is re-read under lock)."""
+        query = (
+            select(KeyVersionRow.key_name, KeyVersionRow.version)
+            .where(
+                KeyVersionRow.destroy_due_us <= now_us,
+                KeyVersionRow.state == "destroy_scheduled",
+            )
+            .order_by(KeyVersionRow.destroy_due_us)
+            .limit(limit)
+        )
+        return [(row[0], row[1]) for row in self._session.execute(query)]
+
+    def next_destruction_due(self) -> int | None:
+        query = select(func.min(KeyVersionRow.destroy_due_us)).where(
+            KeyVersionRow.state == "destroy_scheduled"
+        )
+        return self._session.scalar(query)
+
     def flush(self) -> None:
         self._session.flush()
 
@@ -196,6 +215,32 @@ class Repository(MetaStore):
     def add_binding(self, row: BackupBindingRow) -> None:
         self._session.add(row)
         self._session.flush()
+
+    def backup_counts(self, key_name: str) -> dict[int, int]:
+        """How many backups are bound to each version of the key (on the (key, version) index)."""
+        query = (
+            select(BackupBindingRow.version, func.count())
+            .where(BackupBindingRow.key_name == key_name)
+            .group_by(BackupBindingRow.version)
+        )
+        return {int(row[0]): int(row[1]) for row in self._session.execute(query)}
+
+    def backup_count(self, key_name: str, version: int) -> int:
+        query = select(func.count()).where(
+            BackupBindingRow.key_name == key_name, BackupBindingRow.version == version
+        )
+        return int(self._session.scalar(query) or 0)
+
+    def list_bindings(
+        self, key_name: str, version: int, after_backup_id: str, limit: int
+    ) -> list[BackupBindingRow]:
+        """Bindings of the key (of one version unless `version` is 0), by backup id."""
+        query = select(BackupBindingRow).where(
+            BackupBindingRow.key_name == key_name, BackupBindingRow.backup_id > after_backup_id
+        )
+        if version:
+            query = query.where(BackupBindingRow.version == version)
+        return list(self._session.scalars(query.order_by(BackupBindingRow.backup_id).limit(limit)))
 
     # Audit log
 
@@ -368,7 +413,8 @@ class _DriverSql:
 
 # A version's columns that its MAC covers, as the hot path reads them (see VersionFacts).
 _VERSION_FACTS = (
-    "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac"
+    "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac,"
+    " v.destroy_due_us, v.destroy_requested_by"
 )
 
 
@@ -385,6 +431,8 @@ class VersionFacts(NamedTuple):
     destroyed_us: int | None
     state_sequence: int | None
     mac: str | None
+    destroy_due_us: int | None
+    destroy_requested_by: str | None
 
     def sealed(self, key_name: str, version: int) -> SealedVersion:
         return SealedVersion(
@@ -396,6 +444,8 @@ class VersionFacts(NamedTuple):
             self.created_us,
             self.destroyed_us,
             self.state_sequence,
+            self.destroy_due_us,
+            self.destroy_requested_by,
         )
 
 
@@ -450,6 +500,8 @@ def sealed_version(row: KeyVersionRow) -> SealedVersion:
         row.created_us,
         row.destroyed_us,
         row.state_sequence,
+        row.destroy_due_us,
+        row.destroy_requested_by,
     )
 
 

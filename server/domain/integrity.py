@@ -90,6 +90,9 @@ class SealedVersion:
     created_us: int
     destroyed_us: int | None
     state_sequence: int | None
+    # A scheduled destruction's due time and requester: what the scheduler acts on.
+    destroy_due_us: int | None = None
+    destroy_requested_by: str | None = None
 
 
 class StateSeal:
@@ -112,7 +115,7 @@ class StateSeal:
         return hmac.digest(self._key, _encode("state/key", parts), _MAC_DIGEST).hex()
 
     def version_mac(self, row: SealedVersion) -> str:
-        parts = (
+        parts: tuple[str | int | None, ...] = (
             row.key_name,
             row.version,
             row.state,
@@ -122,6 +125,10 @@ class StateSeal:
             row.destroyed_us,
             row.state_sequence,
         )
+        if row.destroy_due_us is not None or row.destroy_requested_by is not None:
+            # Appended only when set, so rows sealed before scheduling existed keep their
+            # MACs; the length-prefixed encoding keeps the two forms apart.
+            parts = (*parts, row.destroy_due_us, row.destroy_requested_by)
         return hmac.digest(self._key, _encode("state/version", parts), _MAC_DIGEST).hex()
 
     def check(self, row: SealedKey | SealedVersion, mac: str | None) -> None:

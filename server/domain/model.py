@@ -41,7 +41,11 @@ class Action(enum.StrEnum):
     LIST_KEYS = "key.list"
     DISABLE_VERSION = "key_version.disable"
     ENABLE_VERSION = "key_version.enable"
+    # Carried out (by the scheduler once due; immediately before scheduling existed).
     DESTROY_VERSION = "key_version.destroy"
+    SCHEDULE_DESTROY = "key_version.schedule_destroy"
+    CANCEL_DESTROY = "key_version.cancel_destroy"
+    LIST_BACKUPS = "backup.list"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
     CHECKPOINT_AUDIT = "audit.checkpoint"
@@ -53,6 +57,8 @@ class Action(enum.StrEnum):
 class VersionState(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
+    # Unusable, with its material kept until `destroy_due_us`; cancellable until then.
+    DESTROY_SCHEDULED = "destroy_scheduled"
     DESTROYED = "destroyed"
 
 
@@ -67,6 +73,8 @@ class Outcome(enum.StrEnum):
 
 
 ANONYMOUS = "anonymous"
+# The actor of what the servers do on their own (due destructions).
+SCHEDULER = "system:scheduler"
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,18 @@ class KeyVersionInfo:
     origin: VersionOrigin
     created_us: int
     destroyed_us: int | None
+    # When a scheduled destruction falls due, and the admin who asked for it.
+    destroy_due_us: int | None = None
+    destroy_requested_by: str | None = None
+    backup_count: int | None = None  # filled in where it was counted
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    backup_id: str
+    key_name: str
+    version: int
+    created_us: int
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ each row's content and `state_sequence` with the last event that changed it catc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,16 @@ from server.domain.model import Action, AuditEvent, Outcome, VersionState
 _VERSION_STATES: dict[str, VersionState] = {
     Action.DISABLE_VERSION: VersionState.DISABLED,
     Action.ENABLE_VERSION: VersionState.ENABLED,
-    Action.DESTROY_VERSION: VersionState.DESTROYED,
 }
+# How a scheduling event names the due time it set (see server.usecases.lifecycle).
+DUE_PATTERN = re.compile(r"destroy_due_us=(\d+)")
+
+
+def version_value(state: str, due_us: int | None, requested_by: str | None) -> str:
+    """What the replay compares of a version row: its state, and a destruction's schedule."""
+    if due_us is None and requested_by is None:
+        return state
+    return f"{state} (destruction due {due_us}, asked by {requested_by})"
 
 
 @dataclass
@@ -67,6 +76,21 @@ class StateReplay:
             self.versions[(name, event.version)] = _Expected(
                 _VERSION_STATES[event.action], sequence
             )
+        elif event.action == Action.SCHEDULE_DESTROY:
+            due = DUE_PATTERN.search(event.detail)
+            value = version_value(
+                VersionState.DESTROY_SCHEDULED, int(due.group(1)) if due else None, event.actor
+            )
+            self.versions[(name, event.version)] = _Expected(value, sequence)
+        elif event.action == Action.CANCEL_DESTROY:
+            self.versions[(name, event.version)] = _Expected(VersionState.DISABLED, sequence)
+        elif event.action == Action.DESTROY_VERSION:
+            # Carrying out a schedule keeps its due time and requester on the row.
+            before = self.versions.get((name, event.version))
+            value = str(before.value) if before else ""
+            schedule = value.partition(" ")[2]
+            destroyed = f"{VersionState.DESTROYED} {schedule}" if schedule else "destroyed"
+            self.versions[(name, event.version)] = _Expected(destroyed, sequence)
 
     def problems(
         self, keys: Sequence[StoredRow], versions: Sequence[StoredRow], seal: StateSeal
@@ -94,7 +118,11 @@ class StateReplay:
             yield from self._row_problems(
                 f"{identity[0]} version {identity[1]}",
                 "state",
-                sealed_version.state,
+                version_value(
+                    sealed_version.state,
+                    sealed_version.destroy_due_us,
+                    sealed_version.destroy_requested_by,
+                ),
                 sealed_version.state_sequence,
                 self.versions.get(identity),
                 _mac_problem(row, seal),

@@ -1,0 +1,236 @@
+"""Destroying a key version: scheduled, cancellable until due, then carried out by the servers.
+
+`DestroyKeyVersion` only schedules: the version becomes `destroy_scheduled`, unusable, with
+its material kept and `destroy_due_us` = now + the waiting period. Until then an admin can
+cancel (the version returns to `disabled`). Every replica's scheduler looks for due
+destructions; each is carried out under the key's and the version's row locks (SQLite: the
+database's write lock) after re-reading the state, so exactly one replica destroys it and the
+others find it already destroyed. The due time is in the database, so a destruction that fell
+due while every server was down is carried out at the next start.
+
+The destruction is audited with actor `system:scheduler`, naming the admin who asked, and
+carries every crypto-shredding guarantee of an immediate destroy
+(`KeyManagementService._forget_destroyed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from server import service as svc
+from server.db.models import KeyVersionRow
+from server.db.repository import Repository
+from server.domain import model
+from server.domain.errors import FailedPrecondition, KmsError, NotFound
+from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
+
+if TYPE_CHECKING:
+    from server.service import KeyManagementService
+
+log = logging.getLogger(__name__)
+
+# How many due destructions one pass of the scheduler reads (the rest wait for the next pass).
+DUE_BATCH = 100
+MAX_SCHEDULER_INTERVAL_SECONDS = 30.0
+MIN_SCHEDULER_INTERVAL_SECONDS = 0.2
+
+
+class Lifecycle:
+    def __init__(self, service: KeyManagementService, destroy_delay_seconds: float) -> None:
+        self._service = service
+        self._delay_us = int(destroy_delay_seconds * 1_000_000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Versions whose row failed its integrity check: audited once, then left alone.
+        self._refused: set[tuple[str, int]] = set()
+
+    # Use cases
+
+    def schedule_destruction(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+        # A zero delay (dev mode only) destroys at once, as before scheduling existed.
+        immediate = self._delay_us == 0
+        action = Action.DESTROY_VERSION if immediate else Action.SCHEDULE_DESTROY
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            svc._require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(version)
+            model.check_reason(reason)
+            # The key first: a concurrent rotation cannot make this version active meanwhile.
+            key = svc._existing_key(repo, key_name, for_update=True)
+            row = repo.get_version(key_name, version, for_update=True)
+            if row is None:
+                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            svc._refuse_if_active_or_destroyed(row, key.active_version, "destroy")
+            now = svc.now_us()
+            if immediate:
+                _shred(row, now)
+            else:
+                due = now + self._delay_us
+                row.state = VersionState.DESTROY_SCHEDULED
+                row.destroy_due_us = due
+                row.destroy_requested_by = caller.name
+                # The replay reads the due time back from here (server.domain.state_replay).
+                audit.detail = (
+                    f"destruction due {svc.format_time_us(due)}; cancel before then with "
+                    f"kmsctl cancel-destroy {key_name} {version} (destroy_due_us={due})"
+                )
+            repo.flush()
+            return svc._version_info(row, key.active_version, repo.backup_count(key_name, version))
+
+        info = self._service._run(caller.name, action, audit, work)
+        if immediate:
+            self._service._forget_destroyed(key_name, version)
+        return info
+
+    def cancel_destruction(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            svc._require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(version)
+            model.check_reason(reason)
+            key = svc._existing_key(repo, key_name, for_update=True)
+            row = repo.get_version(key_name, version, for_update=True)
+            if row is None:
+                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            if row.state == VersionState.DESTROYED:
+                raise FailedPrecondition(
+                    "KEY_VERSION_DESTROYED",
+                    f"{key_name} version {version} was already destroyed; it cannot be restored",
+                )
+            if row.state != VersionState.DESTROY_SCHEDULED:
+                raise FailedPrecondition(
+                    "DESTRUCTION_NOT_SCHEDULED",
+                    f"{key_name} version {version} is {row.state}: no destruction is scheduled",
+                )
+            audit.detail = (
+                f"cancelled the destruction asked by {row.destroy_requested_by}, due "
+                f"{svc.format_time_us(row.destroy_due_us)}; the version is disabled"
+            )
+            row.state = VersionState.DISABLED
+            row.destroy_due_us = None
+            row.destroy_requested_by = None
+            repo.flush()
+            return svc._version_info(row, key.active_version, repo.backup_count(key_name, version))
+
+        return self._service._run(caller.name, Action.CANCEL_DESTROY, audit, work)
+
+    # The scheduler
+
+    def carry_out_due(self) -> int:
+        """Destroys every scheduled version that is due (as many as one batch); returns how
+        many this replica destroyed."""
+        service = self._service
+        try:
+            with service._sessions() as session:
+                due = Repository(session, service._integrity).due_destructions(
+                    svc.now_us(), DUE_BATCH
+                )
+        except svc.DATABASE_ERRORS as error:
+            log.warning("the scheduler could not read due destructions: %s", type(error).__name__)
+            return 0
+        destroyed = 0
+        for key_name, version in due:
+            if (key_name, version) in self._refused:
+                continue
+            try:
+                if self._destroy_if_due(key_name, version):
+                    destroyed += 1
+            except KmsError as error:
+                if error.status_name == "DATA_LOSS":
+                    self._refused.add((key_name, version))
+                log.error(
+                    "the scheduled destruction of %s version %d was not carried out: %s (%s)",
+                    key_name,
+                    version,
+                    error.message,
+                    error.reason,
+                )
+        return destroyed
+
+    def _destroy_if_due(self, key_name: str, version: int) -> bool:
+        audit = svc.AuditContext(key_name=key_name, version=version)
+
+        def work(repo: Repository) -> bool:
+            # Locked and read again: another replica may have destroyed it, or an admin
+            # cancelled, since the search.
+            key = svc._existing_key(repo, key_name, for_update=True)
+            row = repo.get_version(key_name, version, for_update=True)
+            now = svc.now_us()
+            if (
+                row is None
+                or row.state != VersionState.DESTROY_SCHEDULED
+                or row.destroy_due_us is None
+                or row.destroy_due_us > now
+            ):
+                return False
+            if row.version == key.active_version:  # the schema and schedule forbid it
+                raise FailedPrecondition(
+                    "KEY_VERSION_ACTIVE", f"{key_name} version {version} is active"
+                )
+            audit.detail = (
+                f"scheduled destruction carried out, asked by {row.destroy_requested_by}, due "
+                f"{svc.format_time_us(row.destroy_due_us)}"
+            )
+            _shred(row, now)
+            repo.flush()
+            svc._append_audit(
+                repo,
+                time_us=now,
+                actor=model.SCHEDULER,
+                action=Action.DESTROY_VERSION,
+                outcome=Outcome.ALLOWED,
+                status_code="OK",
+                **asdict(audit),
+            )
+            return True
+
+        done = self._service._run(
+            model.SCHEDULER, Action.DESTROY_VERSION, audit, work, audit_on_success=False
+        )
+        if done:
+            log.info("destroyed %s version %d as scheduled", key_name, version)
+            self._service._forget_destroyed(key_name, version)
+        return done
+
+    def start(self) -> None:
+        """Carries out what is already due, then keeps looking in a thread of its own."""
+        if self._thread is not None:
+            return
+        self.carry_out_due()
+        self._thread = threading.Thread(target=self._loop, name="kms-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def _loop(self) -> None:
+        interval = min(
+            MAX_SCHEDULER_INTERVAL_SECONDS,
+            max(MIN_SCHEDULER_INTERVAL_SECONDS, self._delay_us / 1e6 / 10),
+        )
+        while not self._stop.wait(interval):
+            try:
+                self.carry_out_due()
+            except Exception:  # a bug: keep the scheduler alive, loudly
+                log.exception("the lifecycle scheduler's pass failed")
+
+
+def _shred(row: KeyVersionRow, now: int) -> None:
+    """Crypto-shredding: the only copy of the material is erased, not flagged."""
+    row.state = VersionState.DESTROYED
+    row.wrapped_material = None
+    row.destroyed_us = now
