@@ -22,6 +22,7 @@ def upgrade(engine: Engine) -> None:
     sqlite = engine.dialect.name == "sqlite"
     with engine.connect() as connection:
         raw = connection.connection.driver_connection
+        assert raw is not None
         if sqlite:
             # Changing a CHECK constraint means rebuilding the table, and dropping a table that
             # others refer to: as SQLite's documentation prescribes, foreign keys are off for
