@@ -272,6 +272,33 @@ class KmsClient:
         )
         return self._call(self._stub.DestroyKeyVersion, request, retry=False).key_version
 
+    def preview_destroy(self, key_name: str, version: int) -> kms_pb2.KeyVersion:
+        """What destroying the version would do (due time, backups lost); changes nothing."""
+        request = kms_pb2.DestroyKeyVersionRequest(
+            key_name=key_name, version=version, validate_only=True
+        )
+        return self._call(self._stub.DestroyKeyVersion, request, retry=True).key_version
+
+    def cancel_key_version_destruction(
+        self, key_name: str, version: int, *, reason: str = ""
+    ) -> kms_pb2.KeyVersion:
+        request = kms_pb2.CancelKeyVersionDestructionRequest(
+            key_name=key_name, version=version, reason=reason
+        )
+        return self._call(self._stub.CancelKeyVersionDestruction, request, retry=False).key_version
+
+    def iter_backups(self, key_name: str, version: int = 0) -> Iterator[kms_pb2.Backup]:
+        page_token = ""
+        while True:
+            request = kms_pb2.ListBackupsRequest(
+                key_name=key_name, version=version, page_size=1000, page_token=page_token
+            )
+            response = self._call(self._stub.ListBackups, request, retry=True)
+            yield from response.backups
+            page_token = response.next_page_token
+            if not page_token:
+                return
+
     # Retried: GetActiveKey is idempotent per backup id, the rest are reads.
     def get_active_key(self, key_name: str, backup_id: str) -> kms_pb2.GetActiveKeyResponse:
         request = kms_pb2.GetActiveKeyRequest(key_name=key_name, backup_id=backup_id)

@@ -17,7 +17,7 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from client import audit_tools
+from client import audit_tools, lifecycle_commands
 from client.cli_common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, describe_kms_error, print_error
 from client.kms_client import (
     ConfigError,
@@ -63,7 +63,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
         print(json.dumps([to_json(v) for v in versions], indent=2))
         return
     print_table(
-        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROYED"],
+        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROYED", "BACKUPS"],
         [
             [
                 v.key_name,
@@ -73,6 +73,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
                 kms_pb2.KeyVersionOrigin.Name(v.origin).removeprefix("KEY_VERSION_ORIGIN_").lower(),
                 when(v.create_time),
                 when(v.destroy_time, v.HasField("destroy_time")),
+                v.backup_count,
             ]
             for v in versions
         ],
@@ -126,29 +127,13 @@ def cmd_keys(client: KmsClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def confirm_destroy(args: argparse.Namespace) -> bool:
-    if args.yes:
-        return True
-    if not sys.stdin.isatty():
-        print_error(PROG, "destroy is irreversible: pass --yes when not on a terminal")
-        return False
-    answer = input(
-        f"Destroy {args.key_name} version {args.version}? Backups bound to it can never be "
-        f"restored again. Type the key name to confirm: "
-    )
-    confirmed: bool = answer.strip() == args.key_name
-    if not confirmed:
-        print("not destroyed", file=sys.stderr)
-    return confirmed
-
-
 def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
     change: dict[str, Callable[..., kms_pb2.KeyVersion]] = {
         "disable": client.disable_key_version,
         "enable": client.enable_key_version,
         "destroy": client.destroy_key_version,
     }
-    if args.command == "destroy" and not confirm_destroy(args):
+    if args.command == "destroy" and not lifecycle_commands.confirm_destroy(client, args):
         return EXIT_FAILURE
     version = change[args.command](args.key_name, args.version, reason=args.reason)
     print_versions([version], args.json)
@@ -260,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in [
         ("disable", "disable a version (not the active one)"),
         ("enable", "enable a disabled version"),
-        ("destroy", "crypto-shred a version: irreversible"),
+        ("destroy", "schedule a version's crypto-shredding (cancellable until due)"),
     ]:
         change = commands.add_parser(name, parents=[common], help=help_text)
         change.add_argument("key_name", metavar="KEY")
@@ -269,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "destroy":
             change.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         change.set_defaults(handler=cmd_state_change)
+
+    lifecycle_commands.add_commands(commands, common, positive_int, print_versions)
 
     audit = commands.add_parser("audit", help="read and verify the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")

@@ -423,10 +423,18 @@ class KeyManagementService:
         )
 
     def destroy_key_version(
-        self, caller: Principal, key_name: str, version: int, reason: str
+        self,
+        caller: Principal,
+        key_name: str,
+        version: int,
+        reason: str,
+        *,
+        validate_only: bool = False,
     ) -> KeyVersionInfo:
         """Schedules the destruction (server.usecases.lifecycle); the scheduler carries it out."""
-        return self.lifecycle.schedule_destruction(caller, key_name, version, reason)
+        return self.lifecycle.schedule_destruction(
+            caller, key_name, version, reason, validate_only=validate_only
+        )
 
     def _forget_destroyed(self, key_name: str, version: int) -> None:
         """After a destroy commits: no copy of the material in this process's cache, and on

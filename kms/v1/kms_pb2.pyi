@@ -824,22 +824,29 @@ class DestroyKeyVersionRequest(_message.Message):
     KEY_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """Required. The key name."""
     version: _builtins.int
     """Required. The version to destroy; it must not be the active one."""
     reason: _builtins.str
     """Optional. Why, for the audit log; at most 1024 characters."""
+    validate_only: _builtins.bool
+    """Optional. Change nothing: check the request and answer with the version as the
+    destruction would leave it (its `destroy_time` and `backup_count`), so a person can
+    be told what it would cost before confirming.
+    """
     def __init__(
         self,
         *,
         key_name: _builtins.str = ...,
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "validate_only", b"validate_only", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -195,7 +195,11 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         info = _call(
             context,
             lambda caller: self._service.destroy_key_version(
-                caller, request.key_name, request.version, request.reason
+                caller,
+                request.key_name,
+                request.version,
+                request.reason,
+                validate_only=request.validate_only,
             ),
         )
         return kms_pb2.DestroyKeyVersionResponse(key_version=_key_version(info))

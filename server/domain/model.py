@@ -44,6 +44,7 @@ class Action(enum.StrEnum):
     # Carried out (by the scheduler once due; immediately before scheduling existed).
     DESTROY_VERSION = "key_version.destroy"
     SCHEDULE_DESTROY = "key_version.schedule_destroy"
+    PREVIEW_DESTROY = "key_version.preview_destroy"  # validate_only: changes nothing
     CANCEL_DESTROY = "key_version.cancel_destroy"
     LIST_BACKUPS = "backup.list"
     LIST_AUDIT = "audit.list"

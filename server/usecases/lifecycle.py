@@ -15,6 +15,7 @@ carries every crypto-shredding guarantee of an immediate destroy
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import asdict
@@ -50,12 +51,20 @@ class Lifecycle:
     # Use cases
 
     def schedule_destruction(
-        self, caller: Principal, key_name: str, version: int, reason: str
+        self,
+        caller: Principal,
+        key_name: str,
+        version: int,
+        reason: str,
+        *,
+        validate_only: bool = False,
     ) -> KeyVersionInfo:
         audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
         # A zero delay (dev mode only) destroys at once, as before scheduling existed.
-        immediate = self._delay_us == 0
+        immediate = self._delay_us == 0 and not validate_only
         action = Action.DESTROY_VERSION if immediate else Action.SCHEDULE_DESTROY
+        if validate_only:
+            action = Action.PREVIEW_DESTROY
 
         def work(repo: Repository) -> KeyVersionInfo:
             svc._require(caller, Role.ADMIN)
@@ -69,20 +78,31 @@ class Lifecycle:
                 raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
             svc._refuse_if_active_or_destroyed(row, key.active_version, "destroy")
             now = svc.now_us()
+            count = repo.backup_count(key_name, version)
+            due = now + self._delay_us
+            if validate_only:
+                audit.detail = f"validate only: {count} backups bound"
+                return dataclasses.replace(
+                    svc._version_info(row, key.active_version, count),
+                    state=VersionState.DESTROY_SCHEDULED,
+                    destroy_due_us=due,
+                    destroy_requested_by=caller.name,
+                )
             if immediate:
                 _shred(row, now)
+                audit.detail = f"{count} backups bound"
             else:
-                due = now + self._delay_us
                 row.state = VersionState.DESTROY_SCHEDULED
                 row.destroy_due_us = due
                 row.destroy_requested_by = caller.name
                 # The replay reads the due time back from here (server.domain.state_replay).
                 audit.detail = (
-                    f"destruction due {svc.format_time_us(due)}; cancel before then with "
-                    f"kmsctl cancel-destroy {key_name} {version} (destroy_due_us={due})"
+                    f"destruction due {svc.format_time_us(due)}, {count} backups bound; cancel "
+                    f"before then with kmsctl cancel-destroy {key_name} {version} "
+                    f"(destroy_due_us={due})"
                 )
             repo.flush()
-            return svc._version_info(row, key.active_version, repo.backup_count(key_name, version))
+            return svc._version_info(row, key.active_version, count)
 
         info = self._service._run(caller.name, action, audit, work)
         if immediate:

@@ -1,0 +1,103 @@
+"""kmsctl's key-lifecycle commands: the blast radius of a destroy, cancel-destroy, backups."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from client.cli_common import EXIT_OK, print_error
+from client.kms_client import KmsClient
+from kms.v1 import kms_pb2
+
+PROG = "kmsctl"
+
+Handler = Callable[[KmsClient, argparse.Namespace], int]
+
+
+def blast_radius(version: kms_pb2.KeyVersion) -> str:
+    """The sentence a person reads before confirming a destroy."""
+    due = version.destroy_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+    count = version.backup_count
+    backups = "1 backup" if count == 1 else f"{count} backups"
+    return (
+        f"destroying {version.key_name} version {version.version} makes {backups} "
+        f"unrestorable on {due}"
+    )
+
+
+def confirm_destroy(client: KmsClient, args: argparse.Namespace) -> bool:
+    """Says what the destroy costs (asked of the server, changing nothing), then asks;
+    `--yes` skips only the question."""
+    preview = client.preview_destroy(args.key_name, args.version)
+    print(blast_radius(preview), file=sys.stderr)
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        print_error(PROG, "destroy is irreversible: pass --yes when not on a terminal")
+        return False
+    answer = input(
+        f"Until then `kmsctl cancel-destroy {args.key_name} {args.version}` cancels it. "
+        "Type the key name to confirm: "
+    )
+    confirmed: bool = answer.strip() == args.key_name
+    if not confirmed:
+        print("not destroyed", file=sys.stderr)
+    return confirmed
+
+
+def add_commands(
+    commands: Any,
+    common: argparse.ArgumentParser,
+    positive_int: Callable[[str], int],
+    print_versions: Callable[[list[kms_pb2.KeyVersion], bool], None],
+) -> None:
+    """Registers the lifecycle subcommands on kmsctl's parser."""
+
+    def cmd_cancel(client: KmsClient, args: argparse.Namespace) -> int:
+        version = client.cancel_key_version_destruction(
+            args.key_name, args.version, reason=args.reason
+        )
+        print_versions([version], args.json)
+        return EXIT_OK
+
+    cancel = commands.add_parser(
+        "cancel-destroy",
+        parents=[common],
+        help="cancel a scheduled destruction (the version becomes disabled)",
+    )
+    cancel.add_argument("key_name", metavar="KEY")
+    cancel.add_argument("version", metavar="VERSION", type=positive_int)
+    cancel.add_argument("--reason", default="", help="why, for the audit log")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    backups = commands.add_parser(
+        "backups", parents=[common], help="list the backups bound to a key or one version"
+    )
+    backups.add_argument("key_name", metavar="KEY")
+    backups.add_argument("--version", type=positive_int, default=0, help="only this version's")
+    backups.set_defaults(handler=cmd_backups)
+
+
+def cmd_backups(client: KmsClient, args: argparse.Namespace) -> int:
+    found = list(client.iter_backups(args.key_name, args.version))
+    if args.json:
+        rows = [
+            {
+                "backup_id": b.backup_id,
+                "key_name": b.key_name,
+                "version": b.version,
+                "create_time": b.create_time.ToJsonString(),
+            }
+            for b in found
+        ]
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    which = f"{args.key_name} version {args.version}" if args.version else args.key_name
+    print(f"{len(found)} backups bound to {which}")
+    for backup in found:
+        created = backup.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"{backup.backup_id}  version {backup.version}  {created}")
+    return EXIT_OK
