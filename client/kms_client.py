@@ -287,6 +287,15 @@ class KmsClient:
         )
         return self._call(self._stub.CancelKeyVersionDestruction, request, retry=False).key_version
 
+    def rewrap_backups(
+        self, key_name: str, from_version: int, batch_size: int = 0
+    ) -> kms_pb2.RewrapBackupsResponse:
+        """One batch; idempotent, so retried like a read."""
+        request = kms_pb2.RewrapBackupsRequest(
+            key_name=key_name, from_version=from_version, batch_size=batch_size
+        )
+        return self._call(self._stub.RewrapBackups, request, retry=True)
+
     def iter_backups(self, key_name: str, version: int = 0) -> Iterator[kms_pb2.Backup]:
         page_token = ""
         while True:

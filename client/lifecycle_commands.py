@@ -73,12 +73,58 @@ def add_commands(
     cancel.add_argument("--reason", default="", help="why, for the audit log")
     cancel.set_defaults(handler=cmd_cancel)
 
+    retire = commands.add_parser(
+        "retire",
+        parents=[common],
+        help="move every backup of a version to the active version (rewrap), so it can go",
+    )
+    retire.add_argument("key_name", metavar="KEY")
+    retire.add_argument("version", metavar="VERSION", type=positive_int)
+    retire.add_argument("--batch-size", type=positive_int, default=0, help="backups per call")
+    retire.set_defaults(handler=cmd_retire)
+
     backups = commands.add_parser(
         "backups", parents=[common], help="list the backups bound to a key or one version"
     )
     backups.add_argument("key_name", metavar="KEY")
     backups.add_argument("--version", type=positive_int, default=0, help="only this version's")
     backups.set_defaults(handler=cmd_backups)
+
+
+def cmd_retire(client: KmsClient, args: argparse.Namespace) -> int:
+    """Batches until none remain; progress on a terminal, the totals at the end."""
+    total = 0
+    progress = sys.stderr.isatty() and not args.json
+    while True:
+        batch = client.rewrap_backups(args.key_name, args.version, args.batch_size)
+        total += batch.rewrapped
+        if progress:
+            print(
+                f"\rretiring {args.key_name} version {args.version}: {total} rewrapped, "
+                f"{batch.remaining} to go ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
+        if batch.remaining == 0 or batch.rewrapped == 0:
+            break
+    if progress:
+        print(file=sys.stderr)
+    if args.json:
+        summary = {
+            "key_name": args.key_name,
+            "from_version": args.version,
+            "to_version": batch.to_version,
+            "rewrapped": total,
+            "remaining": batch.remaining,
+        }
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"{args.key_name} version {args.version}: {total} backups rewrapped under version "
+            f"{batch.to_version}; {batch.remaining} remain"
+        )
+    return EXIT_OK if batch.remaining == 0 else 1
 
 
 def cmd_backups(client: KmsClient, args: argparse.Namespace) -> int:

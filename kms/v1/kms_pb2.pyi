@@ -993,6 +993,66 @@ class ListBackupsResponse(_message.Message):
 Global___ListBackupsResponse: _TypeAlias = ListBackupsResponse  # noqa: Y015
 
 @_typing.final
+class RewrapBackupsRequest(_message.Message):
+    """Request for `RewrapBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    from_version: _builtins.int
+    """Required. The version to retire; not the active one, and not destroyed."""
+    batch_size: _builtins.int
+    """Optional. At most this many backups in this call (default 500, at most 5000)."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        from_version: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "from_version", b"from_version", "key_name", b"key_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapBackupsRequest: _TypeAlias = RewrapBackupsRequest  # noqa: Y015
+
+@_typing.final
+class RewrapBackupsResponse(_message.Message):
+    """Response for `RewrapBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    REWRAPPED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    to_version: _builtins.int
+    """The active version the backups were rewrapped under."""
+    rewrapped: _builtins.int
+    """How many backups this call rewrapped."""
+    remaining: _builtins.int
+    """How many backups are still bound to `from_version`; 0 when it is retired."""
+    def __init__(
+        self,
+        *,
+        to_version: _builtins.int = ...,
+        rewrapped: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remaining", b"remaining", "rewrapped", b"rewrapped", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapBackupsResponse: _TypeAlias = RewrapBackupsResponse  # noqa: Y015
+
+@_typing.final
 class AuditEvent(_message.Message):
     """One audit event. Events form a hash chain: each carries the hash of the one
     before it.

@@ -95,6 +95,11 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
                 _registered_method=True)
+        self.RewrapBackups = channel.unary_unary(
+                '/kms.v1.KeyManagementService/RewrapBackups',
+                request_serializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/kms.v1.KeyManagementService/ListAuditEvents',
                 request_serializer=kms_dot_v1_dot_kms__pb2.ListAuditEventsRequest.SerializeToString,
@@ -221,6 +226,18 @@ class KeyManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RewrapBackups(self, request, context):
+        """Retires a version without losing its backups: rewraps the data keys of one batch
+        of the backups bound to `from_version` under the key's active version, inside the
+        server, in one transaction with its audit event. Call again until `remaining` is
+        0; then destroying `from_version` loses no backup. Safe to repeat and to run
+        beside backups and restores; the archives' bytes are never touched (they restore
+        through their binding). Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """Lists audit events in sequence order. Role: auditor.
         """
@@ -316,6 +333,11 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.ListBackups,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.SerializeToString,
+            ),
+            'RewrapBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapBackups,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -663,6 +685,33 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/ListBackups',
             kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/RewrapBackups',
+            kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,14 @@ class KeyManagementServiceStub:
     """Lists the backups bound to a key (or to one of its versions), by backup id:
     what destroying that version would make unrestorable. Role: admin.
     """
+    RewrapBackups: _grpc.UnaryUnaryMultiCallable[_kms_pb2.RewrapBackupsRequest, _kms_pb2.RewrapBackupsResponse]
+    """Retires a version without losing its backups: rewraps the data keys of one batch
+    of the backups bound to `from_version` under the key's active version, inside the
+    server, in one transaction with its audit event. Call again until `remaining` is
+    0; then destroying `from_version` loses no backup. Safe to repeat and to run
+    beside backups and restores; the archives' bytes are never touched (they restore
+    through their binding). Role: admin.
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]
     """Lists audit events in sequence order. Role: auditor."""
     VerifyAuditLog: _grpc.UnaryUnaryMultiCallable[_kms_pb2.VerifyAuditLogRequest, _kms_pb2.VerifyAuditLogResponse]
@@ -160,6 +168,14 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     ListBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]  # type: ignore[assignment]
     """Lists the backups bound to a key (or to one of its versions), by backup id:
     what destroying that version would make unrestorable. Role: admin.
+    """
+    RewrapBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.RewrapBackupsRequest, _kms_pb2.RewrapBackupsResponse]  # type: ignore[assignment]
+    """Retires a version without losing its backups: rewraps the data keys of one batch
+    of the backups bound to `from_version` under the key's active version, inside the
+    server, in one transaction with its audit event. Call again until `remaining` is
+    0; then destroying `from_version` loses no backup. Safe to repeat and to run
+    beside backups and restores; the archives' bytes are never touched (they restore
+    through their binding). Role: admin.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events in sequence order. Role: auditor."""
@@ -299,6 +315,20 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_kms_pb2.ListBackupsResponse, _abc.Awaitable[_kms_pb2.ListBackupsResponse]]:
         """Lists the backups bound to a key (or to one of its versions), by backup id:
         what destroying that version would make unrestorable. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def RewrapBackups(
+        self,
+        request: _kms_pb2.RewrapBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.RewrapBackupsResponse, _abc.Awaitable[_kms_pb2.RewrapBackupsResponse]]:
+        """Retires a version without losing its backups: rewraps the data keys of one batch
+        of the backups bound to `from_version` under the key's active version, inside the
+        server, in one transaction with its audit event. Call again until `remaining` is
+        0; then destroying `from_version` loses no backup. Safe to repeat and to run
+        beside backups and restores; the archives' bytes are never touched (they restore
+        through their binding). Role: admin.
         """
 
     @_abc_1.abstractmethod

@@ -21,6 +21,7 @@ ACTION_BY_METHOD: dict[str, Action] = {
         "DestroyKeyVersion": Action.SCHEDULE_DESTROY,
         "CancelKeyVersionDestruction": Action.CANCEL_DESTROY,
         "ListBackups": Action.LIST_BACKUPS,
+        "RewrapBackups": Action.REWRAP_BACKUPS,
         "ListAuditEvents": Action.LIST_AUDIT,
         "VerifyAuditLog": Action.VERIFY_AUDIT,
         "GetAuditCheckpoint": Action.CHECKPOINT_AUDIT,

@@ -24,6 +24,7 @@ from server.domain.model import (
 )
 from server.service import BackupKeyReference, KeyManagementService
 from server.usecases.backups import list_backups
+from server.usecases.retire import rewrap_backups
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +215,21 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             ),
         )
         return kms_pb2.CancelKeyVersionDestructionResponse(key_version=_key_version(info))
+
+    def RewrapBackups(
+        self, request: kms_pb2.RewrapBackupsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.RewrapBackupsResponse:
+        progress = _call(
+            context,
+            lambda caller: rewrap_backups(
+                self._service, caller, request.key_name, request.from_version, request.batch_size
+            ),
+        )
+        return kms_pb2.RewrapBackupsResponse(
+            to_version=progress.to_version,
+            rewrapped=progress.rewrapped,
+            remaining=progress.remaining,
+        )
 
     def ListBackups(
         self, request: kms_pb2.ListBackupsRequest, context: grpc.ServicerContext

@@ -231,6 +231,17 @@ class Repository(MetaStore):
         )
         return int(self._session.scalar(query) or 0)
 
+    def bindings_to_rewrap(self, key_name: str, version: int, limit: int) -> list[BackupBindingRow]:
+        """Up to `limit` bindings of the version, locked (PostgreSQL) for the rewrap."""
+        query = (
+            select(BackupBindingRow)
+            .where(BackupBindingRow.key_name == key_name, BackupBindingRow.version == version)
+            .order_by(BackupBindingRow.backup_id)
+            .limit(limit)
+            .with_for_update()
+        )
+        return list(self._session.scalars(query))
+
     def list_bindings(
         self, key_name: str, version: int, after_backup_id: str, limit: int
     ) -> list[BackupBindingRow]:

@@ -47,6 +47,7 @@ class Action(enum.StrEnum):
     PREVIEW_DESTROY = "key_version.preview_destroy"  # validate_only: changes nothing
     CANCEL_DESTROY = "key_version.cancel_destroy"
     LIST_BACKUPS = "backup.list"
+    REWRAP_BACKUPS = "backup.rewrap"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
     CHECKPOINT_AUDIT = "audit.checkpoint"

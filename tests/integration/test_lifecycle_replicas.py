@@ -50,7 +50,7 @@ def test_two_replicas_carry_out_each_due_destruction_exactly_once(tmp_path: Path
                     kms_pb2.DestroyKeyVersionRequest(key_name=KEY, version=version)
                 )
 
-            def all_destroyed() -> bool:
+            def all_destroyed(two: Replica = two) -> bool:
                 listed = two.stub("admin").ListKeyVersions(
                     kms_pb2.ListKeyVersionsRequest(key_name=KEY)
                 )
