@@ -648,6 +648,16 @@ class KeyManagementService:
                 f"no key is bound to backup {backup_id}, and the key version its header names "
                 f"({ref.key_name} version {ref.version}) does not exist",
             )
+        version_row = repo.get_version(ref.key_name, ref.version)
+        if version_row is not None and version_row.state == VersionState.DESTROYED:
+            raise FailedPrecondition(
+                "KEY_VERSION_DESTROYED",
+                f"no key is bound to backup {backup_id} (its binding is missing, as after a "
+                f"database restore), and the version its header names, {ref.key_name} version "
+                f"{ref.version}, was destroyed: if the backup was retired to a newer version "
+                "first, only its binding can restore it; restore the database from a backup "
+                "that holds it",
+            )
         material = self._usable_material(repo, ref.key_name, ref.version)
         try:
             data_key = crypto.unwrap_data_key(
