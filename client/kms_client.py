@@ -296,6 +296,14 @@ class KmsClient:
         )
         return self._call(self._stub.RewrapBackups, request, retry=True)
 
+    def approve_key_version_destruction(
+        self, key_name: str, version: int, *, reason: str = ""
+    ) -> kms_pb2.KeyVersion:
+        request = kms_pb2.ApproveKeyVersionDestructionRequest(
+            key_name=key_name, version=version, reason=reason
+        )
+        return self._call(self._stub.ApproveKeyVersionDestruction, request, retry=False).key_version
+
     def iter_backups(self, key_name: str, version: int = 0) -> Iterator[kms_pb2.Backup]:
         page_token = ""
         while True:

@@ -83,6 +83,23 @@ def add_commands(
     retire.add_argument("--batch-size", type=positive_int, default=0, help="backups per call")
     retire.set_defaults(handler=cmd_retire)
 
+    def cmd_approve(client: KmsClient, args: argparse.Namespace) -> int:
+        version = client.approve_key_version_destruction(
+            args.key_name, args.version, reason=args.reason
+        )
+        print_versions([version], args.json)
+        return EXIT_OK
+
+    approve = commands.add_parser(
+        "approve-destroy",
+        parents=[common],
+        help="approve another admin's destroy (two-person rule): the waiting period starts",
+    )
+    approve.add_argument("key_name", metavar="KEY")
+    approve.add_argument("version", metavar="VERSION", type=positive_int)
+    approve.add_argument("--reason", default="", help="why, for the audit log")
+    approve.set_defaults(handler=cmd_approve)
+
     backups = commands.add_parser(
         "backups", parents=[common], help="list the backups bound to a key or one version"
     )

@@ -133,6 +133,7 @@ def create_server(
             audit_sink=audit_file,
             material_cache_seconds=settings.material_cache_seconds,
             destroy_delay_seconds=settings.destroy_delay_seconds,
+            destroy_approvals=lambda: policy.policy.destroy_approvals,
         )
         service.check_root_key()
         # Carries out destructions that fell due while the server was down, then keeps looking.

@@ -43,6 +43,8 @@ def hash_token(token: str) -> str:
 class Policy:
     principals: dict[str, Principal]
     by_token_hash: dict[str, Principal] = field(repr=False)
+    # 2: the two-person rule for DestroyKeyVersion (server.usecases.lifecycle).
+    destroy_approvals: int = 1
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -56,9 +58,12 @@ class Policy:
 
     @classmethod
     def parse(cls, document: dict[str, object], source: str = "policy") -> Policy:
-        unknown = set(document) - {"principals"}
+        unknown = set(document) - {"principals", "destroy_approvals"}
         if unknown:
             raise PolicyError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        approvals = document.get("destroy_approvals", 1)
+        if type(approvals) is not int or approvals not in (1, 2):
+            raise PolicyError(f"{source}: destroy_approvals must be 1 or 2")
         entries = document.get("principals", {})
         if not isinstance(entries, dict):
             raise PolicyError(f"{source}: [principals] must be a table")
@@ -90,7 +95,7 @@ class Policy:
                 if digest.lower() in by_token_hash:
                     raise PolicyError(f"{where}: a token hash is listed twice")
                 by_token_hash[digest.lower()] = principal
-        return cls(principals, by_token_hash)
+        return cls(principals, by_token_hash, approvals)
 
     def principal_for_token(self, token: str) -> Principal | None:
         # Looking up the digest leaks nothing about the token: SHA-256 is preimage resistant.

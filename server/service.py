@@ -127,6 +127,7 @@ class KeyManagementService:
         audit_sink: AuditSink | None = None,
         material_cache_seconds: float = DEFAULT_MAX_AGE_SECONDS,
         destroy_delay_seconds: float = 0.0,
+        destroy_approvals: Callable[[], int] = lambda: 1,
     ) -> None:
         self._engine = engine
         self._sessions = make_sessionmaker(engine)
@@ -141,7 +142,7 @@ class KeyManagementService:
         self._committer = GroupCommitter(self._run_data_key_batch)
         from server.usecases.lifecycle import Lifecycle  # it uses this module's helpers
 
-        self.lifecycle = Lifecycle(self, destroy_delay_seconds)
+        self.lifecycle = Lifecycle(self, destroy_delay_seconds, destroy_approvals)
 
     def close(self) -> None:
         """Stops the scheduler and the group committer once in-flight calls are done, then
@@ -1144,6 +1145,12 @@ def _require_usable(row: _VersionLike, what: str) -> None:
             "KEY_VERSION_DISABLED",
             f"{what}: {row.key_name} version {row.version} is disabled (enable it first)",
         )
+    if row.state == VersionState.PENDING_APPROVAL:
+        raise FailedPrecondition(
+            "KEY_VERSION_PENDING_APPROVAL",
+            f"{what}: {row.key_name} version {row.version} is to be destroyed once a second "
+            f"admin approves; `kmsctl cancel-destroy {row.key_name} {row.version}` cancels it",
+        )
     if row.state == VersionState.DESTROY_SCHEDULED:
         raise FailedPrecondition(
             "KEY_VERSION_DESTROY_SCHEDULED",
@@ -1154,6 +1161,13 @@ def _require_usable(row: _VersionLike, what: str) -> None:
 
 
 def _refuse_if_scheduled(row: KeyVersionRow, verb: str) -> None:
+    if row.state == VersionState.PENDING_APPROVAL:
+        raise FailedPrecondition(
+            "KEY_VERSION_PENDING_APPROVAL",
+            f"cannot {verb} {row.key_name} version {row.version}: its destruction awaits a "
+            f"second admin's approval; cancel it first with `kmsctl cancel-destroy "
+            f"{row.key_name} {row.version}`",
+        )
     if row.state == VersionState.DESTROY_SCHEDULED:
         raise FailedPrecondition(
             "KEY_VERSION_DESTROY_SCHEDULED",
@@ -1199,6 +1213,7 @@ def _version_info(
         destroyed_us=row.destroyed_us,
         destroy_due_us=row.destroy_due_us,
         destroy_requested_by=row.destroy_requested_by,
+        destroy_approved_by=row.destroy_approved_by,
         backup_count=backup_count,
     )
 

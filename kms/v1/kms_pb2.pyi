@@ -48,6 +48,10 @@ class _KeyVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyVe
     """Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
     `CancelKeyVersionDestruction` returns it to DISABLED until then.
     """
+    KEY_VERSION_STATE_PENDING_APPROVAL: _KeyVersionState.ValueType  # 5
+    """Unusable: a destroy asked for under the two-person rule, waiting for a second
+    admin's `ApproveKeyVersionDestruction` (or a cancel).
+    """
 
 class KeyVersionState(_KeyVersionState, metaclass=_KeyVersionStateEnumTypeWrapper):
     """The lifecycle state of a key version."""
@@ -63,6 +67,10 @@ KEY_VERSION_STATE_DESTROYED: KeyVersionState.ValueType  # 3
 KEY_VERSION_STATE_DESTROY_SCHEDULED: KeyVersionState.ValueType  # 4
 """Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
 `CancelKeyVersionDestruction` returns it to DISABLED until then.
+"""
+KEY_VERSION_STATE_PENDING_APPROVAL: KeyVersionState.ValueType  # 5
+"""Unusable: a destroy asked for under the two-person rule, waiting for a second
+admin's `ApproveKeyVersionDestruction` (or a cancel).
 """
 Global___KeyVersionState: _TypeAlias = KeyVersionState  # noqa: Y015
 
@@ -129,6 +137,7 @@ class KeyVersion(_message.Message):
     DESTROY_TIME_FIELD_NUMBER: _builtins.int
     DESTROY_REQUESTED_BY_FIELD_NUMBER: _builtins.int
     BACKUP_COUNT_FIELD_NUMBER: _builtins.int
+    DESTROY_APPROVED_BY_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """The name of the key this version belongs to."""
     version: _builtins.int
@@ -146,6 +155,8 @@ class KeyVersion(_message.Message):
     usable). Set by GetKeyVersion, ListKeyVersions, DestroyKeyVersion and
     CancelKeyVersionDestruction.
     """
+    destroy_approved_by: _builtins.str
+    """The second admin who approved the destruction (two-person rule); empty otherwise."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was registered."""
@@ -168,10 +179,11 @@ class KeyVersion(_message.Message):
         destroy_time: _timestamp_pb2.Timestamp | None = ...,
         destroy_requested_by: _builtins.str = ...,
         backup_count: _builtins.int = ...,
+        destroy_approved_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "destroy_approved_by", b"destroy_approved_by", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -929,6 +941,60 @@ class CancelKeyVersionDestructionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelKeyVersionDestructionResponse: _TypeAlias = CancelKeyVersionDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ApproveKeyVersionDestructionRequest(_message.Message):
+    """Request for `ApproveKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Required. The version whose destruction awaits approval."""
+    reason: _builtins.str
+    """Optional. Why, for the audit log; at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyVersionDestructionRequest: _TypeAlias = ApproveKeyVersionDestructionRequest  # noqa: Y015
+
+@_typing.final
+class ApproveKeyVersionDestructionResponse(_message.Message):
+    """Response for `ApproveKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_version(self) -> Global___KeyVersion:
+        """The version after the change: DESTROY_SCHEDULED."""
+
+    def __init__(
+        self,
+        *,
+        key_version: Global___KeyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyVersionDestructionResponse: _TypeAlias = ApproveKeyVersionDestructionResponse  # noqa: Y015
 
 @_typing.final
 class ListBackupsRequest(_message.Message):

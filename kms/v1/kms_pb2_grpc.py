@@ -85,6 +85,11 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
                 _registered_method=True)
+        self.ApproveKeyVersionDestruction = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ApproveKeyVersionDestruction',
+                request_serializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.FromString,
+                _registered_method=True)
         self.CancelKeyVersionDestruction = channel.unary_unary(
                 '/kms.v1.KeyManagementService/CancelKeyVersionDestruction',
                 request_serializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.SerializeToString,
@@ -210,9 +215,17 @@ class KeyManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApproveKeyVersionDestruction(self, request, context):
+        """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+        the waiting period starts now. The admin who asked cannot approve. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelKeyVersionDestruction(self, request, context):
-        """Cancels a scheduled destruction that has not fallen due: the version becomes
-        DISABLED, its material intact. Role: admin.
+        """Cancels a destruction pending approval or scheduled and not yet due: the version
+        becomes DISABLED, its material intact. Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -323,6 +336,11 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.DestroyKeyVersion,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.SerializeToString,
+            ),
+            'ApproveKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveKeyVersionDestruction,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.SerializeToString,
             ),
             'CancelKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelKeyVersionDestruction,
@@ -631,6 +649,33 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/DestroyKeyVersion',
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveKeyVersionDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ApproveKeyVersionDestruction',
+            kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.FromString,
             options,
             channel_credentials,
             insecure,

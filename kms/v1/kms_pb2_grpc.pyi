@@ -83,9 +83,13 @@ class KeyManagementServiceStub:
     response's `backup_count` says how many backups the destruction will make
     unrestorable. Role: admin.
     """
+    ApproveKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ApproveKeyVersionDestructionRequest, _kms_pb2.ApproveKeyVersionDestructionResponse]
+    """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+    the waiting period starts now. The admin who asked cannot approve. Role: admin.
+    """
     CancelKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]
-    """Cancels a scheduled destruction that has not fallen due: the version becomes
-    DISABLED, its material intact. Role: admin.
+    """Cancels a destruction pending approval or scheduled and not yet due: the version
+    becomes DISABLED, its material intact. Role: admin.
     """
     ListBackups: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]
     """Lists the backups bound to a key (or to one of its versions), by backup id:
@@ -161,9 +165,13 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     response's `backup_count` says how many backups the destruction will make
     unrestorable. Role: admin.
     """
+    ApproveKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_kms_pb2.ApproveKeyVersionDestructionRequest, _kms_pb2.ApproveKeyVersionDestructionResponse]  # type: ignore[assignment]
+    """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+    the waiting period starts now. The admin who asked cannot approve. Role: admin.
+    """
     CancelKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]  # type: ignore[assignment]
-    """Cancels a scheduled destruction that has not fallen due: the version becomes
-    DISABLED, its material intact. Role: admin.
+    """Cancels a destruction pending approval or scheduled and not yet due: the version
+    becomes DISABLED, its material intact. Role: admin.
     """
     ListBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]  # type: ignore[assignment]
     """Lists the backups bound to a key (or to one of its versions), by backup id:
@@ -298,13 +306,23 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def ApproveKeyVersionDestruction(
+        self,
+        request: _kms_pb2.ApproveKeyVersionDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.ApproveKeyVersionDestructionResponse, _abc.Awaitable[_kms_pb2.ApproveKeyVersionDestructionResponse]]:
+        """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+        the waiting period starts now. The admin who asked cannot approve. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
     def CancelKeyVersionDestruction(
         self,
         request: _kms_pb2.CancelKeyVersionDestructionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kms_pb2.CancelKeyVersionDestructionResponse, _abc.Awaitable[_kms_pb2.CancelKeyVersionDestructionResponse]]:
-        """Cancels a scheduled destruction that has not fallen due: the version becomes
-        DISABLED, its material intact. Role: admin.
+        """Cancels a destruction pending approval or scheduled and not yet due: the version
+        becomes DISABLED, its material intact. Role: admin.
         """
 
     @_abc_1.abstractmethod

@@ -20,6 +20,7 @@ ACTION_BY_METHOD: dict[str, Action] = {
         "EnableKeyVersion": Action.ENABLE_VERSION,
         "DestroyKeyVersion": Action.SCHEDULE_DESTROY,
         "CancelKeyVersionDestruction": Action.CANCEL_DESTROY,
+        "ApproveKeyVersionDestruction": Action.APPROVE_DESTROY,
         "ListBackups": Action.LIST_BACKUPS,
         "RewrapBackups": Action.REWRAP_BACKUPS,
         "ListAuditEvents": Action.LIST_AUDIT,

@@ -35,6 +35,7 @@ _STATE = {
     VersionState.DISABLED: kms_pb2.KEY_VERSION_STATE_DISABLED,
     VersionState.DESTROYED: kms_pb2.KEY_VERSION_STATE_DESTROYED,
     VersionState.DESTROY_SCHEDULED: kms_pb2.KEY_VERSION_STATE_DESTROY_SCHEDULED,
+    VersionState.PENDING_APPROVAL: kms_pb2.KEY_VERSION_STATE_PENDING_APPROVAL,
 }
 _ORIGIN = {
     VersionOrigin.GENERATED: kms_pb2.KEY_VERSION_ORIGIN_GENERATED,
@@ -231,6 +232,17 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             remaining=progress.remaining,
         )
 
+    def ApproveKeyVersionDestruction(
+        self, request: kms_pb2.ApproveKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ApproveKeyVersionDestructionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.lifecycle.approve_destruction(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.ApproveKeyVersionDestructionResponse(key_version=_key_version(info))
+
     def ListBackups(
         self, request: kms_pb2.ListBackupsRequest, context: grpc.ServicerContext
     ) -> kms_pb2.ListBackupsResponse:
@@ -362,6 +374,7 @@ def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
     elif info.destroy_due_us is not None:
         message.destroy_time.CopyFrom(_timestamp(info.destroy_due_us))
     message.destroy_requested_by = info.destroy_requested_by or ""
+    message.destroy_approved_by = info.destroy_approved_by or ""
     message.backup_count = info.backup_count or 0
     return message
 

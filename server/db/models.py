@@ -59,7 +59,9 @@ class KeyRow(Base):
     )
 
 
-STATE_CHECK = "state IN ('enabled', 'disabled', 'destroy_scheduled', 'destroyed')"
+STATE_CHECK = (
+    "state IN ('enabled', 'disabled', 'pending_approval', 'destroy_scheduled', 'destroyed')"
+)
 
 
 class KeyVersionRow(Base):
@@ -77,6 +79,7 @@ class KeyVersionRow(Base):
     # and the admin who asked for it. Both under the row's MAC.
     destroy_due_us: Mapped[int | None] = mapped_column(BigInteger)
     destroy_requested_by: Mapped[str | None] = mapped_column(String(256))
+    destroy_approved_by: Mapped[str | None] = mapped_column(String(256))  # the second admin
     state_sequence: Mapped[int | None] = mapped_column(BigInteger)  # as on KeyRow
     mac: Mapped[str | None] = mapped_column(String(64))
 

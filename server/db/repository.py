@@ -425,7 +425,7 @@ class _DriverSql:
 # A version's columns that its MAC covers, as the hot path reads them (see VersionFacts).
 _VERSION_FACTS = (
     "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac,"
-    " v.destroy_due_us, v.destroy_requested_by"
+    " v.destroy_due_us, v.destroy_requested_by, v.destroy_approved_by"
 )
 
 
@@ -444,6 +444,7 @@ class VersionFacts(NamedTuple):
     mac: str | None
     destroy_due_us: int | None
     destroy_requested_by: str | None
+    destroy_approved_by: str | None
 
     def sealed(self, key_name: str, version: int) -> SealedVersion:
         return SealedVersion(
@@ -457,6 +458,7 @@ class VersionFacts(NamedTuple):
             self.state_sequence,
             self.destroy_due_us,
             self.destroy_requested_by,
+            self.destroy_approved_by,
         )
 
 
@@ -513,6 +515,7 @@ def sealed_version(row: KeyVersionRow) -> SealedVersion:
         row.state_sequence,
         row.destroy_due_us,
         row.destroy_requested_by,
+        row.destroy_approved_by,
     )
 
 

@@ -93,6 +93,7 @@ class SealedVersion:
     # A scheduled destruction's due time and requester: what the scheduler acts on.
     destroy_due_us: int | None = None
     destroy_requested_by: str | None = None
+    destroy_approved_by: str | None = None
 
 
 class StateSeal:
@@ -125,10 +126,11 @@ class StateSeal:
             row.destroyed_us,
             row.state_sequence,
         )
-        if row.destroy_due_us is not None or row.destroy_requested_by is not None:
+        schedule = (row.destroy_due_us, row.destroy_requested_by, row.destroy_approved_by)
+        if any(part is not None for part in schedule):
             # Appended only when set, so rows sealed before scheduling existed keep their
             # MACs; the length-prefixed encoding keeps the two forms apart.
-            parts = (*parts, row.destroy_due_us, row.destroy_requested_by)
+            parts = (*parts, *schedule)
         return hmac.digest(self._key, _encode("state/version", parts), _MAC_DIGEST).hex()
 
     def check(self, row: SealedKey | SealedVersion, mac: str | None) -> None:

@@ -46,6 +46,7 @@ class Action(enum.StrEnum):
     SCHEDULE_DESTROY = "key_version.schedule_destroy"
     PREVIEW_DESTROY = "key_version.preview_destroy"  # validate_only: changes nothing
     CANCEL_DESTROY = "key_version.cancel_destroy"
+    APPROVE_DESTROY = "key_version.approve_destroy"
     LIST_BACKUPS = "backup.list"
     REWRAP_BACKUPS = "backup.rewrap"
     LIST_AUDIT = "audit.list"
@@ -61,6 +62,8 @@ class VersionState(enum.StrEnum):
     DISABLED = "disabled"
     # Unusable, with its material kept until `destroy_due_us`; cancellable until then.
     DESTROY_SCHEDULED = "destroy_scheduled"
+    # Unusable, a destroy asked for and waiting for a second admin (policy destroy_approvals).
+    PENDING_APPROVAL = "pending_approval"
     DESTROYED = "destroyed"
 
 
@@ -99,6 +102,7 @@ class KeyVersionInfo:
     # When a scheduled destruction falls due, and the admin who asked for it.
     destroy_due_us: int | None = None
     destroy_requested_by: str | None = None
+    destroy_approved_by: str | None = None
     backup_count: int | None = None  # filled in where it was counted
 
 

@@ -24,11 +24,18 @@ _VERSION_STATES: dict[str, VersionState] = {
 DUE_PATTERN = re.compile(r"destroy_due_us=(\d+)")
 
 
-def version_value(state: str, due_us: int | None, requested_by: str | None) -> str:
+# A destruction's due time, requester and approver, as a version row holds them.
+Schedule = tuple[int | None, str | None, str | None]
+_NO_SCHEDULE: Schedule = (None, None, None)
+
+
+def version_value(state: str, schedule: Schedule) -> str:
     """What the replay compares of a version row: its state, and a destruction's schedule."""
-    if due_us is None and requested_by is None:
+    if schedule == _NO_SCHEDULE:
         return state
-    return f"{state} (destruction due {due_us}, asked by {requested_by})"
+    due_us, requested_by, approved_by = schedule
+    approval = f", approved by {approved_by}" if approved_by is not None else ""
+    return f"{state} (destruction due {due_us}, asked by {requested_by}{approval})"
 
 
 @dataclass
@@ -51,6 +58,7 @@ class StateReplay:
     def __init__(self) -> None:
         self.keys: dict[str, _Expected] = {}
         self.versions: dict[tuple[str, int], _Expected] = {}
+        self._schedules: dict[tuple[str, int], Schedule] = {}
         self.keyed_from = 0  # the event that sealed every row, when the state key was made
 
     def watch(self, events: Iterable[AuditEvent]) -> Iterator[AuditEvent]:
@@ -73,24 +81,30 @@ class StateReplay:
         elif event.action == Action.ROTATE:
             self.keys[name] = _Expected(event.to_version, sequence)
         elif event.action in _VERSION_STATES:
-            self.versions[(name, event.version)] = _Expected(
-                _VERSION_STATES[event.action], sequence
-            )
+            self._version(event, _VERSION_STATES[event.action])
         elif event.action == Action.SCHEDULE_DESTROY:
-            due = DUE_PATTERN.search(event.detail)
-            value = version_value(
-                VersionState.DESTROY_SCHEDULED, int(due.group(1)) if due else None, event.actor
-            )
-            self.versions[(name, event.version)] = _Expected(value, sequence)
+            due = _due(event)
+            # Without a due time the request waits for a second admin's approval.
+            state = VersionState.DESTROY_SCHEDULED if due else VersionState.PENDING_APPROVAL
+            self._version(event, state, (due, event.actor, None))
+        elif event.action == Action.APPROVE_DESTROY:
+            requested_by = self._schedules.get((name, event.version), _NO_SCHEDULE)[1]
+            schedule = (_due(event), requested_by, event.actor)
+            self._version(event, VersionState.DESTROY_SCHEDULED, schedule)
         elif event.action == Action.CANCEL_DESTROY:
-            self.versions[(name, event.version)] = _Expected(VersionState.DISABLED, sequence)
+            self._version(event, VersionState.DISABLED, _NO_SCHEDULE)
         elif event.action == Action.DESTROY_VERSION:
-            # Carrying out a schedule keeps its due time and requester on the row.
-            before = self.versions.get((name, event.version))
-            value = str(before.value) if before else ""
-            schedule = value.partition(" ")[2]
-            destroyed = f"{VersionState.DESTROYED} {schedule}" if schedule else "destroyed"
-            self.versions[(name, event.version)] = _Expected(destroyed, sequence)
+            # Carrying out a schedule keeps its due time, requester and approver on the row.
+            self._version(event, VersionState.DESTROYED)
+
+    def _version(
+        self, event: AuditEvent, state: VersionState, schedule: Schedule | None = None
+    ) -> None:
+        identity = (event.key_name, event.version)
+        if schedule is not None:
+            self._schedules[identity] = schedule
+        kept = self._schedules.get(identity, _NO_SCHEDULE)
+        self.versions[identity] = _Expected(version_value(state, kept), event.sequence)
 
     def problems(
         self, keys: Sequence[StoredRow], versions: Sequence[StoredRow], seal: StateSeal
@@ -120,8 +134,11 @@ class StateReplay:
                 "state",
                 version_value(
                     sealed_version.state,
-                    sealed_version.destroy_due_us,
-                    sealed_version.destroy_requested_by,
+                    (
+                        sealed_version.destroy_due_us,
+                        sealed_version.destroy_requested_by,
+                        sealed_version.destroy_approved_by,
+                    ),
                 ),
                 sealed_version.state_sequence,
                 self.versions.get(identity),
@@ -169,3 +186,8 @@ def _mac_problem(row: StoredRow, seal: StateSeal) -> str:
     except IntegrityFailure:
         return "its row fails its MAC (it was changed outside the server)"
     return ""
+
+
+def _due(event: AuditEvent) -> int | None:
+    found = DUE_PATTERN.search(event.detail)
+    return int(found.group(1)) if found else None

@@ -11,6 +11,10 @@ due while every server was down is carried out at the next start.
 The destruction is audited with actor `system:scheduler`, naming the admin who asked, and
 carries every crypto-shredding guarantee of an immediate destroy
 (`KeyManagementService._forget_destroyed`).
+
+Under the two-person rule (policy `destroy_approvals = 2`) a destroy first waits in
+`pending_approval` until a different admin approves it; only then does the waiting period
+start. Cancelling is possible at either stage, and every step is an audit event.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -25,7 +30,7 @@ from server import service as svc
 from server.db.models import KeyVersionRow
 from server.db.repository import Repository
 from server.domain import model
-from server.domain.errors import FailedPrecondition, KmsError, NotFound
+from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
 from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
 
 if TYPE_CHECKING:
@@ -40,8 +45,14 @@ MIN_SCHEDULER_INTERVAL_SECONDS = 0.2
 
 
 class Lifecycle:
-    def __init__(self, service: KeyManagementService, destroy_delay_seconds: float) -> None:
+    def __init__(
+        self,
+        service: KeyManagementService,
+        destroy_delay_seconds: float,
+        approvals: Callable[[], int] = lambda: 1,
+    ) -> None:
         self._service = service
+        self._approvals = approvals  # read per call: the policy may be reloaded
         self._delay_us = int(destroy_delay_seconds * 1_000_000)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -60,8 +71,9 @@ class Lifecycle:
         validate_only: bool = False,
     ) -> KeyVersionInfo:
         audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+        needs_approval = self._approvals() >= 2
         # A zero delay (dev mode only) destroys at once, as before scheduling existed.
-        immediate = self._delay_us == 0 and not validate_only
+        immediate = self._delay_us == 0 and not validate_only and not needs_approval
         action = Action.DESTROY_VERSION if immediate else Action.SCHEDULE_DESTROY
         if validate_only:
             action = Action.PREVIEW_DESTROY
@@ -84,13 +96,26 @@ class Lifecycle:
                 audit.detail = f"validate only: {count} backups bound"
                 return dataclasses.replace(
                     svc._version_info(row, key.active_version, count),
-                    state=VersionState.DESTROY_SCHEDULED,
+                    state=(
+                        VersionState.PENDING_APPROVAL
+                        if needs_approval
+                        else VersionState.DESTROY_SCHEDULED
+                    ),
                     destroy_due_us=due,
                     destroy_requested_by=caller.name,
                 )
             if immediate:
                 _shred(row, now)
                 audit.detail = f"{count} backups bound"
+            elif needs_approval:
+                # No due time yet: the waiting period starts with the approval.
+                row.state = VersionState.PENDING_APPROVAL
+                row.destroy_requested_by = caller.name
+                audit.detail = (
+                    f"pending a second admin's approval, {count} backups bound; approve with "
+                    f"kmsctl approve-destroy {key_name} {version}, or cancel with kmsctl "
+                    f"cancel-destroy {key_name} {version}"
+                )
             else:
                 row.state = VersionState.DESTROY_SCHEDULED
                 row.destroy_due_us = due
@@ -128,22 +153,69 @@ class Lifecycle:
                     "KEY_VERSION_DESTROYED",
                     f"{key_name} version {version} was already destroyed; it cannot be restored",
                 )
-            if row.state != VersionState.DESTROY_SCHEDULED:
+            if row.state not in (VersionState.DESTROY_SCHEDULED, VersionState.PENDING_APPROVAL):
                 raise FailedPrecondition(
                     "DESTRUCTION_NOT_SCHEDULED",
                     f"{key_name} version {version} is {row.state}: no destruction is scheduled",
                 )
+            due = (
+                f"due {svc.format_time_us(row.destroy_due_us)}"
+                if row.destroy_due_us is not None
+                else "pending approval"
+            )
             audit.detail = (
-                f"cancelled the destruction asked by {row.destroy_requested_by}, due "
-                f"{svc.format_time_us(row.destroy_due_us)}; the version is disabled"
+                f"cancelled the destruction asked by {row.destroy_requested_by}, {due}; the "
+                "version is disabled"
             )
             row.state = VersionState.DISABLED
             row.destroy_due_us = None
             row.destroy_requested_by = None
+            row.destroy_approved_by = None
             repo.flush()
             return svc._version_info(row, key.active_version, repo.backup_count(key_name, version))
 
         return self._service._run(caller.name, Action.CANCEL_DESTROY, audit, work)
+
+    def approve_destruction(
+        self, caller: Principal, key_name: str, version: int, reason: str
+    ) -> KeyVersionInfo:
+        """The second admin's approval: the waiting period starts now."""
+        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+
+        def work(repo: Repository) -> KeyVersionInfo:
+            svc._require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            model.check_version(version)
+            model.check_reason(reason)
+            key = svc._existing_key(repo, key_name, for_update=True)
+            row = repo.get_version(key_name, version, for_update=True)
+            if row is None:
+                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            if row.state != VersionState.PENDING_APPROVAL:
+                raise FailedPrecondition(
+                    "DESTRUCTION_NOT_PENDING",
+                    f"{key_name} version {version} is {row.state}: no destruction awaits approval",
+                )
+            if row.destroy_requested_by == caller.name:
+                raise PermissionDenied(
+                    "SELF_APPROVAL",
+                    f"{caller.name} asked for the destruction of {key_name} version {version}; "
+                    "a different admin must approve it",
+                )
+            due = svc.now_us() + self._delay_us
+            row.state = VersionState.DESTROY_SCHEDULED
+            row.destroy_due_us = due
+            row.destroy_approved_by = caller.name
+            # The replay reads the due time back from here (server.domain.state_replay).
+            audit.detail = (
+                f"approved the destruction asked by {row.destroy_requested_by}; due "
+                f"{svc.format_time_us(due)} (destroy_due_us={due})"
+            )
+            repo.flush()
+            count = repo.backup_count(key_name, version)
+            return svc._version_info(row, key.active_version, count)
+
+        return self._service._run(caller.name, Action.APPROVE_DESTROY, audit, work)
 
     # The scheduler
 
@@ -198,9 +270,10 @@ class Lifecycle:
                 raise FailedPrecondition(
                     "KEY_VERSION_ACTIVE", f"{key_name} version {version} is active"
                 )
+            approval = f", approved by {row.destroy_approved_by}" if row.destroy_approved_by else ""
             audit.detail = (
-                f"scheduled destruction carried out, asked by {row.destroy_requested_by}, due "
-                f"{svc.format_time_us(row.destroy_due_us)}"
+                f"scheduled destruction carried out, asked by {row.destroy_requested_by}"
+                f"{approval}, due {svc.format_time_us(row.destroy_due_us)}"
             )
             _shred(row, now)
             repo.flush()

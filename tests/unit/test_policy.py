@@ -121,3 +121,11 @@ def test_load_refuses_a_missing_file(tmp_path: Path) -> None:
 def test_a_principal_name_that_cannot_be_audited_is_refused(name: str) -> None:
     with pytest.raises(PolicyError, match="principal name"):
         Policy.parse({"principals": {name: {"roles": ["admin"]}}})
+
+
+def test_destroy_approvals_defaults_to_one_and_takes_only_one_or_two() -> None:
+    assert Policy.parse({}).destroy_approvals == 1
+    assert Policy.parse({"destroy_approvals": 2}).destroy_approvals == 2
+    for bad in (0, 3, "2", True):
+        with pytest.raises(PolicyError, match="destroy_approvals"):
+            Policy.parse({"destroy_approvals": bad})

@@ -20,7 +20,9 @@ branch_labels = None
 depends_on = None
 
 _OLD_STATES = "state IN ('enabled', 'disabled', 'destroyed')"
-_NEW_STATES = "state IN ('enabled', 'disabled', 'destroy_scheduled', 'destroyed')"
+_NEW_STATES = (
+    "state IN ('enabled', 'disabled', 'pending_approval', 'destroy_scheduled', 'destroyed')"
+)
 _SCHEDULED_HAS_DUE = "state <> 'destroy_scheduled' OR destroy_due_us IS NOT NULL"
 
 
@@ -28,6 +30,7 @@ def upgrade() -> None:
     with op.batch_alter_table("key_versions", recreate="auto") as batch:
         batch.add_column(sa.Column("destroy_due_us", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("destroy_requested_by", sa.String(length=256), nullable=True))
+        batch.add_column(sa.Column("destroy_approved_by", sa.String(length=256), nullable=True))
         batch.alter_column("state", existing_type=sa.String(length=16), type_=sa.String(length=32))
         batch.drop_constraint(op.f("ck_key_versions_state"), type_="check")
         batch.create_check_constraint("state", _NEW_STATES)
@@ -36,13 +39,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # A scheduled destruction cannot be expressed in the old schema: it becomes disabled.
-    op.execute("UPDATE key_versions SET state = 'disabled' WHERE state = 'destroy_scheduled'")
+    # A scheduled or pending destruction cannot be expressed in the old schema: disabled.
+    op.execute(
+        "UPDATE key_versions SET state = 'disabled'"
+        " WHERE state IN ('destroy_scheduled', 'pending_approval')"
+    )
     with op.batch_alter_table("key_versions", recreate="auto") as batch:
         batch.drop_index(op.f("ix_key_versions_destroy_due_us"))
         batch.drop_constraint(op.f("ck_key_versions_scheduled_has_due"), type_="check")
         batch.drop_constraint(op.f("ck_key_versions_state"), type_="check")
         batch.create_check_constraint("state", _OLD_STATES)
         batch.alter_column("state", existing_type=sa.String(length=32), type_=sa.String(length=16))
+        batch.drop_column("destroy_approved_by")
         batch.drop_column("destroy_requested_by")
         batch.drop_column("destroy_due_us")
