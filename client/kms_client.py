@@ -304,6 +304,12 @@ class KmsClient:
         )
         return self._call(self._stub.ApproveKeyVersionDestruction, request, retry=False).key_version
 
+    def update_key(self, key_name: str, rotation_period_seconds: int) -> kms_pb2.Key:
+        request = kms_pb2.UpdateKeyRequest(
+            key_name=key_name, rotation_period_seconds=rotation_period_seconds
+        )
+        return self._call(self._stub.UpdateKey, request, retry=True).key
+
     def iter_backups(self, key_name: str, version: int = 0) -> Iterator[kms_pb2.Backup]:
         page_token = ""
         while True:

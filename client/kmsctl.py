@@ -121,8 +121,17 @@ def cmd_keys(client: KmsClient, args: argparse.Namespace) -> int:
         print(json.dumps([to_json(k) for k in keys], indent=2))
         return EXIT_OK
     print_table(
-        ["KEY", "ACTIVE", "VERSIONS", "CREATED"],
-        [[k.name, k.active_version or "-", k.version_count, when(k.create_time)] for k in keys],
+        ["KEY", "ACTIVE", "VERSIONS", "CREATED", "NEXT ROTATION"],
+        [
+            [
+                k.name,
+                k.active_version or "-",
+                k.version_count,
+                when(k.create_time),
+                when(k.next_rotation_time, k.HasField("next_rotation_time")),
+            ]
+            for k in keys
+        ],
     )
     return EXIT_OK
 

@@ -100,12 +100,49 @@ def add_commands(
     approve.add_argument("--reason", default="", help="why, for the audit log")
     approve.set_defaults(handler=cmd_approve)
 
+    auto = commands.add_parser(
+        "auto-rotate", parents=[common], help="rotate a key automatically every period, or --off"
+    )
+    auto.add_argument("key_name", metavar="KEY")
+    period = auto.add_mutually_exclusive_group(required=True)
+    period.add_argument("--every", type=duration, help="the period: 90d, 12h, 30m, 45s")
+    period.add_argument("--off", action="store_true", help="stop rotating automatically")
+    auto.set_defaults(handler=cmd_auto_rotate)
+
     backups = commands.add_parser(
         "backups", parents=[common], help="list the backups bound to a key or one version"
     )
     backups.add_argument("key_name", metavar="KEY")
     backups.add_argument("--version", type=positive_int, default=0, help="only this version's")
     backups.set_defaults(handler=cmd_backups)
+
+
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> int:
+    """Seconds in 30s, 15m, 24h or 90d."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNIT_SECONDS or not (number.isascii() and number.isdigit()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90d, 12h or 30m")
+    return int(number) * _UNIT_SECONDS[unit]
+
+
+def cmd_auto_rotate(client: KmsClient, args: argparse.Namespace) -> int:
+    key = client.update_key(args.key_name, 0 if args.off else args.every)
+    if args.json:
+        print(json.dumps({
+            "name": key.name,
+            "rotation_period_seconds": key.rotation_period_seconds,
+            "next_rotation_time": key.next_rotation_time.ToJsonString()
+            if key.HasField("next_rotation_time") else None,
+        }, indent=2))  # fmt: skip
+    elif key.HasField("next_rotation_time"):
+        next_time = key.next_rotation_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%SZ")
+        print(f"{key.name}: rotates every {key.rotation_period_seconds}s, next at {next_time}")
+    else:
+        print(f"{key.name}: automatic rotation off")
+    return EXIT_OK
 
 
 def cmd_retire(client: KmsClient, args: argparse.Namespace) -> int:

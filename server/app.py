@@ -134,6 +134,8 @@ def create_server(
             material_cache_seconds=settings.material_cache_seconds,
             destroy_delay_seconds=settings.destroy_delay_seconds,
             destroy_approvals=lambda: policy.policy.destroy_approvals,
+            # Dev mode allows any period, so tests can rotate every few seconds.
+            min_rotation_seconds=0 if settings.dev else 3600,
         )
         service.check_root_key()
         # Carries out destructions that fell due while the server was down, then keeps looking.

@@ -128,6 +128,7 @@ class KeyManagementService:
         material_cache_seconds: float = DEFAULT_MAX_AGE_SECONDS,
         destroy_delay_seconds: float = 0.0,
         destroy_approvals: Callable[[], int] = lambda: 1,
+        min_rotation_seconds: int = 3600,
     ) -> None:
         self._engine = engine
         self._sessions = make_sessionmaker(engine)
@@ -142,7 +143,9 @@ class KeyManagementService:
         self._committer = GroupCommitter(self._run_data_key_batch)
         from server.usecases.lifecycle import Lifecycle  # it uses this module's helpers
 
-        self.lifecycle = Lifecycle(self, destroy_delay_seconds, destroy_approvals)
+        self.lifecycle = Lifecycle(
+            self, destroy_delay_seconds, destroy_approvals, min_rotation_seconds
+        )
 
     def close(self) -> None:
         """Stops the scheduler and the group committer once in-flight calls are done, then
@@ -380,7 +383,14 @@ class KeyManagementService:
             after = _decode_name_token(page_token)
             rows = repo.list_keys(after, limit + 1)
             keys = [
-                KeyInfo(row.name, row.active_version, count, row.created_us)
+                KeyInfo(
+                    row.name,
+                    row.active_version,
+                    count,
+                    row.created_us,
+                    row.rotation_period_us,
+                    row.next_rotation_us,
+                )
                 for row, count in rows[:limit]
             ]
             next_token = keys[-1].name.encode().hex() if len(rows) > limit else ""

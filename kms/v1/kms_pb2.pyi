@@ -235,15 +235,23 @@ class Key(_message.Message):
     ACTIVE_VERSION_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_ROTATION_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The key name."""
     active_version: _builtins.int
     """The active version; 0 while the key has no active version."""
     version_count: _builtins.int
     """How many versions the key has, destroyed ones included."""
+    rotation_period_seconds: _builtins.int
+    """The automatic rotation period in seconds; 0 when it is off."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the key's first version was registered."""
+
+    @_builtins.property
+    def next_rotation_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next automatic rotation is due; unset when it is off."""
 
     def __init__(
         self,
@@ -252,14 +260,68 @@ class Key(_message.Message):
         active_version: _builtins.int = ...,
         version_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        rotation_period_seconds: _builtins.int = ...,
+        next_rotation_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_rotation_time", b"next_rotation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "create_time", b"create_time", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "create_time", b"create_time", "name", b"name", "next_rotation_time", b"next_rotation_time", "rotation_period_seconds", b"rotation_period_seconds", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Key: _TypeAlias = Key  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    """Request for `UpdateKey`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    rotation_period_seconds: _builtins.int
+    """Optional. Rotate automatically this often: at least 3600 (any period when the
+    server runs in dev mode). 0 turns automatic rotation off.
+    """
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        rotation_period_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "rotation_period_seconds", b"rotation_period_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyResponse(_message.Message):
+    """Response for `UpdateKey`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """The key after the change."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyResponse: _TypeAlias = UpdateKeyResponse  # noqa: Y015
 
 @_typing.final
 class RegisterKeyVersionRequest(_message.Message):

@@ -70,6 +70,11 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/kms.v1.KeyManagementService/UpdateKey',
+                request_serializer=kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
         self.DisableKeyVersion = channel.unary_unary(
                 '/kms.v1.KeyManagementService/DisableKeyVersion',
                 request_serializer=kms_dot_v1_dot_kms__pb2.DisableKeyVersionRequest.SerializeToString,
@@ -182,6 +187,15 @@ class KeyManagementServiceServicer:
 
     def ListKeys(self, request, context):
         """Lists the keys and their active versions. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+        register a new version and make it active (audited as `system:scheduler`).
+        Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -321,6 +335,11 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.ListKeys,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.ListKeysRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.SerializeToString,
             ),
             'DisableKeyVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.DisableKeyVersion,
@@ -568,6 +587,33 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/ListKeys',
             kms_dot_v1_dot_kms__pb2.ListKeysRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/UpdateKey',
+            kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,11 @@ class KeyManagementServiceStub:
     """Lists the versions of one key, oldest first. Role: admin."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListKeysRequest, _kms_pb2.ListKeysResponse]
     """Lists the keys and their active versions. Role: admin."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_kms_pb2.UpdateKeyRequest, _kms_pb2.UpdateKeyResponse]
+    """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+    register a new version and make it active (audited as `system:scheduler`).
+    Role: admin.
+    """
     DisableKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.DisableKeyVersionRequest, _kms_pb2.DisableKeyVersionResponse]
     """Disables a version that is not active: its backups cannot be resolved
     until it is enabled again. Role: admin.
@@ -150,6 +155,11 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     """Lists the versions of one key, oldest first. Role: admin."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListKeysRequest, _kms_pb2.ListKeysResponse]  # type: ignore[assignment]
     """Lists the keys and their active versions. Role: admin."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_kms_pb2.UpdateKeyRequest, _kms_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+    register a new version and make it active (audited as `system:scheduler`).
+    Role: admin.
+    """
     DisableKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.DisableKeyVersionRequest, _kms_pb2.DisableKeyVersionResponse]  # type: ignore[assignment]
     """Disables a version that is not active: its backups cannot be resolved
     until it is enabled again. Role: admin.
@@ -271,6 +281,17 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_kms_pb2.ListKeysResponse, _abc.Awaitable[_kms_pb2.ListKeysResponse]]:
         """Lists the keys and their active versions. Role: admin."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _kms_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.UpdateKeyResponse, _abc.Awaitable[_kms_pb2.UpdateKeyResponse]]:
+        """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+        register a new version and make it active (audited as `system:scheduler`).
+        Role: admin.
+        """
 
     @_abc_1.abstractmethod
     def DisableKeyVersion(

@@ -23,6 +23,7 @@ ACTION_BY_METHOD: dict[str, Action] = {
         "ApproveKeyVersionDestruction": Action.APPROVE_DESTROY,
         "ListBackups": Action.LIST_BACKUPS,
         "RewrapBackups": Action.REWRAP_BACKUPS,
+        "UpdateKey": Action.UPDATE_KEY,
         "ListAuditEvents": Action.LIST_AUDIT,
         "VerifyAuditLog": Action.VERIFY_AUDIT,
         "GetAuditCheckpoint": Action.CHECKPOINT_AUDIT,

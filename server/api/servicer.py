@@ -16,6 +16,7 @@ from server.api.errors import abort, aborted
 from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import (
     AuditEvent,
+    KeyInfo,
     KeyVersionInfo,
     Outcome,
     Principal,
@@ -25,6 +26,7 @@ from server.domain.model import (
 from server.service import BackupKeyReference, KeyManagementService
 from server.usecases.backups import list_backups
 from server.usecases.retire import rewrap_backups
+from server.usecases.rotation_schedule import update_key
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +159,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             lambda caller: self._service.list_keys(caller, request.page_size, request.page_token),
         )
         return kms_pb2.ListKeysResponse(
-            keys=[
-                kms_pb2.Key(
-                    name=key.name,
-                    active_version=key.active_version or 0,
-                    version_count=key.version_count,
-                    create_time=_timestamp(key.created_us),
-                )
-                for key in keys
-            ],
+            keys=[_key(key) for key in keys],
             next_page_token=next_token,
         )
 
@@ -216,6 +210,21 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             ),
         )
         return kms_pb2.CancelKeyVersionDestructionResponse(key_version=_key_version(info))
+
+    def UpdateKey(
+        self, request: kms_pb2.UpdateKeyRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.UpdateKeyResponse:
+        info = _call(
+            context,
+            lambda caller: update_key(
+                self._service,
+                caller,
+                request.key_name,
+                request.rotation_period_seconds,
+                self._service.lifecycle.min_rotation_seconds,
+            ),
+        )
+        return kms_pb2.UpdateKeyResponse(key=_key(info))
 
     def RewrapBackups(
         self, request: kms_pb2.RewrapBackupsRequest, context: grpc.ServicerContext
@@ -358,6 +367,19 @@ def _timestamp(us: int) -> Timestamp:
     stamp = Timestamp()
     stamp.FromMicroseconds(us)
     return stamp
+
+
+def _key(info: KeyInfo) -> kms_pb2.Key:
+    message = kms_pb2.Key(
+        name=info.name,
+        active_version=info.active_version or 0,
+        version_count=info.version_count,
+        create_time=_timestamp(info.created_us),
+        rotation_period_seconds=(info.rotation_period_us or 0) // 1_000_000,
+    )
+    if info.next_rotation_us is not None:
+        message.next_rotation_time.CopyFrom(_timestamp(info.next_rotation_us))
+    return message
 
 
 def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:

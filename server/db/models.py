@@ -43,6 +43,9 @@ class KeyRow(Base):
     active_version: Mapped[int | None] = mapped_column(Integer)
     last_version: Mapped[int] = mapped_column(Integer)
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # Automatic rotation: its period and when it is next due (both NULL: off).
+    rotation_period_us: Mapped[int | None] = mapped_column(BigInteger)
+    next_rotation_us: Mapped[int | None] = mapped_column(BigInteger, index=True)
     # The audit event that last changed the row, and the row's MAC under the state key
     # (server.domain.integrity): NULL only in a database the keyed server has not opened yet.
     state_sequence: Mapped[int | None] = mapped_column(BigInteger)

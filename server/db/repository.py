@@ -198,6 +198,16 @@ class Repository(MetaStore):
         )
         return [(row[0], row[1]) for row in self._session.execute(query)]
 
+    def due_rotations(self, now_us: int, limit: int) -> list[str]:
+        """Keys whose automatic rotation is due by `now_us`, unchecked (re-read under lock)."""
+        query = (
+            select(KeyRow.name)
+            .where(KeyRow.next_rotation_us <= now_us)
+            .order_by(KeyRow.next_rotation_us)
+            .limit(limit)
+        )
+        return list(self._session.scalars(query))
+
     def next_destruction_due(self) -> int | None:
         query = select(func.min(KeyVersionRow.destroy_due_us)).where(
             KeyVersionRow.state == "destroy_scheduled"
@@ -415,7 +425,7 @@ class _DriverSql:
     def active_versions(self, count: int) -> str:
         return (
             "SELECT k.name, k.active_version, k.last_version, k.created_us, k.state_sequence,"
-            f" k.mac, {_VERSION_FACTS}"
+            f" k.mac, k.rotation_period_us, k.next_rotation_us, {_VERSION_FACTS}"
             " FROM keys k LEFT JOIN key_versions v"
             " ON v.key_name = k.name AND v.version = k.active_version"
             f" WHERE k.name IN ({self._marks(count)})"
@@ -485,22 +495,30 @@ class ActiveVersionFacts(NamedTuple):
     created_us: int
     state_sequence: int | None
     mac: str | None
+    rotation_period_us: int | None
+    next_rotation_us: int | None
     facts: VersionFacts | None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ActiveVersionFacts:
-        facts = VersionFacts(*row[6:]) if row[6] is not None else None
-        return cls(row[0], row[1], row[2], row[3], row[4], row[5], facts)
+        facts = VersionFacts(*row[8:]) if row[8] is not None else None
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], facts)
 
     def sealed(self) -> SealedKey:
         return SealedKey(
-            self.name, self.active_version, self.last_version, self.created_us, self.state_sequence
+            self.name,
+            self.active_version,
+            self.last_version,
+            self.created_us,
+            self.state_sequence,
+            self.rotation_period_us,
+            self.next_rotation_us,
         )
 
 
 def sealed_key(row: KeyRow) -> SealedKey:
     return SealedKey(row.name, row.active_version, row.last_version, row.created_us,
-                     row.state_sequence)  # fmt: skip
+                     row.state_sequence, row.rotation_period_us, row.next_rotation_us)  # fmt: skip
 
 
 def sealed_version(row: KeyVersionRow) -> SealedVersion:

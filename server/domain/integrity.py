@@ -75,6 +75,9 @@ class SealedKey:
     last_version: int
     created_us: int
     state_sequence: int | None
+    # Automatic rotation (server.usecases.rotation_schedule).
+    rotation_period_us: int | None = None
+    next_rotation_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,16 @@ class StateSeal:
         return "StateSeal(<hidden>)"
 
     def key_mac(self, row: SealedKey) -> str:
-        parts = (row.name, row.active_version, row.last_version, row.created_us, row.state_sequence)
+        parts: tuple[str | int | None, ...] = (
+            row.name,
+            row.active_version,
+            row.last_version,
+            row.created_us,
+            row.state_sequence,
+        )
+        if row.rotation_period_us is not None or row.next_rotation_us is not None:
+            # Appended only when set, as for versions: older rows keep their MACs.
+            parts = (*parts, row.rotation_period_us, row.next_rotation_us)
         return hmac.digest(self._key, _encode("state/key", parts), _MAC_DIGEST).hex()
 
     def version_mac(self, row: SealedVersion) -> str:

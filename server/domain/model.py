@@ -49,6 +49,7 @@ class Action(enum.StrEnum):
     APPROVE_DESTROY = "key_version.approve_destroy"
     LIST_BACKUPS = "backup.list"
     REWRAP_BACKUPS = "backup.rewrap"
+    UPDATE_KEY = "key.update"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
     CHECKPOINT_AUDIT = "audit.checkpoint"
@@ -120,6 +121,8 @@ class KeyInfo:
     active_version: int | None
     version_count: int
     created_us: int
+    rotation_period_us: int | None = None
+    next_rotation_us: int | None = None
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ class StateReplay:
         self.keys: dict[str, _Expected] = {}
         self.versions: dict[tuple[str, int], _Expected] = {}
         self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._active: dict[str, int | None] = {}
+        self._rotations: dict[str, Rotation] = {}
         self.keyed_from = 0  # the event that sealed every row, when the state key was made
 
     def watch(self, events: Iterable[AuditEvent]) -> Iterator[AuditEvent]:
@@ -73,13 +75,20 @@ class StateReplay:
         if event.action == Action.START_KEYED_AUDIT:
             self.keyed_from = sequence
         elif event.action == Action.REGISTER_VERSION:
-            active = self.keys.get(name)
             activated = event.to_version == event.version
-            current = active.value if active else None
-            self.keys[name] = _Expected(event.version if activated else current, sequence)
+            current = self._active.get(name)
+            # An automatic rotation names the key's next one.
+            rotation = self._rotations.get(name, _NO_ROTATION)
+            next_rotation = _field(event, "next_rotation_us")
+            if next_rotation is not None:
+                rotation = (rotation[0], next_rotation)
+            self._key(event, event.version if activated else current, rotation)
             self.versions[(name, event.version)] = _Expected(VersionState.ENABLED, sequence)
         elif event.action == Action.ROTATE:
-            self.keys[name] = _Expected(event.to_version, sequence)
+            self._key(event, event.to_version)
+        elif event.action == Action.UPDATE_KEY:
+            rotation = (_field(event, "rotation_period_us"), _field(event, "next_rotation_us"))
+            self._key(event, self._active.get(name), rotation)
         elif event.action in _VERSION_STATES:
             self._version(event, _VERSION_STATES[event.action])
         elif event.action == Action.SCHEDULE_DESTROY:
@@ -96,6 +105,14 @@ class StateReplay:
         elif event.action == Action.DESTROY_VERSION:
             # Carrying out a schedule keeps its due time, requester and approver on the row.
             self._version(event, VersionState.DESTROYED)
+
+    def _key(self, event: AuditEvent, active: int | None, rotation: Rotation | None = None) -> None:
+        name = event.key_name
+        if rotation is not None:
+            self._rotations[name] = rotation
+        self._active[name] = active
+        kept = self._rotations.get(name, _NO_ROTATION)
+        self.keys[name] = _Expected(key_value(active, kept), event.sequence)
 
     def _version(
         self, event: AuditEvent, state: VersionState, schedule: Schedule | None = None
@@ -118,7 +135,9 @@ class StateReplay:
             yield from self._row_problems(
                 f"key {sealed.name}",
                 "active version",
-                sealed.active_version,
+                key_value(
+                    sealed.active_version, (sealed.rotation_period_us, sealed.next_rotation_us)
+                ),
                 sealed.state_sequence,
                 self.keys.get(sealed.name),
                 _mac_problem(row, seal),
@@ -189,5 +208,22 @@ def _mac_problem(row: StoredRow, seal: StateSeal) -> str:
 
 
 def _due(event: AuditEvent) -> int | None:
-    found = DUE_PATTERN.search(event.detail)
+    return _field(event, "destroy_due_us")
+
+
+def _field(event: AuditEvent, name: str) -> int | None:
+    """A number the event's detail states as `name=N` (see server.usecases)."""
+    found = re.search(rf"\b{name}=(\d+)", event.detail)
     return int(found.group(1)) if found else None
+
+
+# A key's automatic rotation: its period and the next time, as a key row holds them.
+Rotation = tuple[int | None, int | None]
+_NO_ROTATION: Rotation = (None, None)
+
+
+def key_value(active: int | None, rotation: Rotation) -> int | str | None:
+    """What the replay compares of a key row: its active version, and its rotation schedule."""
+    if rotation == _NO_ROTATION:
+        return active
+    return f"{active} (rotation every {rotation[0]} us, next at {rotation[1]})"

@@ -32,6 +32,7 @@ from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
 from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
+from server.usecases import rotation_schedule
 
 if TYPE_CHECKING:
     from server.service import KeyManagementService
@@ -50,8 +51,10 @@ class Lifecycle:
         service: KeyManagementService,
         destroy_delay_seconds: float,
         approvals: Callable[[], int] = lambda: 1,
+        min_rotation_seconds: int = 3600,
     ) -> None:
         self._service = service
+        self.min_rotation_seconds = min_rotation_seconds
         self._approvals = approvals  # read per call: the policy may be reloaded
         self._delay_us = int(destroy_delay_seconds * 1_000_000)
         self._stop = threading.Event()
@@ -300,7 +303,7 @@ class Lifecycle:
         """Carries out what is already due, then keeps looking in a thread of its own."""
         if self._thread is not None:
             return
-        self.carry_out_due()
+        self._pass()
         self._thread = threading.Thread(target=self._loop, name="kms-scheduler", daemon=True)
         self._thread.start()
 
@@ -315,11 +318,17 @@ class Lifecycle:
             MAX_SCHEDULER_INTERVAL_SECONDS,
             max(MIN_SCHEDULER_INTERVAL_SECONDS, self._delay_us / 1e6 / 10),
         )
+        if self.min_rotation_seconds == 0:  # dev mode: periods of seconds are allowed
+            interval = MIN_SCHEDULER_INTERVAL_SECONDS
         while not self._stop.wait(interval):
-            try:
-                self.carry_out_due()
-            except Exception:  # a bug: keep the scheduler alive, loudly
-                log.exception("the lifecycle scheduler's pass failed")
+            self._pass()
+
+    def _pass(self) -> None:
+        try:
+            self.carry_out_due()
+            rotation_schedule.rotate_due_keys(self._service)
+        except Exception:  # a bug: keep the scheduler alive, loudly
+            log.exception("the lifecycle scheduler's pass failed")
 
 
 def _shred(row: KeyVersionRow, now: int) -> None:

@@ -3,6 +3,8 @@ out exactly once."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,45 @@ def test_two_replicas_carry_out_each_due_destruction_exactly_once(tmp_path: Path
             denied = [e for e in audit_events(auditor) if e.actor == SCHEDULER and e.outcome != 1]
             assert denied == []
             verify_chain(auditor)
+        finally:
+            for replica in started:
+                replica.kill()
+                replica.close_channels()
+
+
+def test_two_replicas_rotate_a_key_once_per_period(tmp_path: Path) -> None:
+    period = 2
+    for url in postgres_database():
+        secrets = Secrets.create(tmp_path / "secrets")
+        started = [
+            Replica(f"replica-{n}", url, secrets, tmp_path / f"r{n}", extra_args=["--dev"])
+            for n in (1, 2)
+        ]
+        try:
+            for replica in started:
+                replica.start()
+            one, two = started
+            register(one.stub("admin"), KEY, 1)
+            one.stub("admin").UpdateKey(
+                kms_pb2.UpdateKeyRequest(key_name=KEY, rotation_period_seconds=period)
+            )
+            start = time.monotonic()
+            time.sleep(3 * period + 0.5)
+            two.stub("admin").UpdateKey(kms_pb2.UpdateKeyRequest(key_name=KEY))
+            elapsed = time.monotonic() - start
+            rotations = [
+                e
+                for e in audit_events(one.stub("auditor"))
+                if e.action == "key_version.register" and e.actor == SCHEDULER
+            ]
+            # One per period, never two at once: the versions follow one another, and the
+            # gaps between them are a period, give or take the schedulers' polling.
+            assert 2 <= len(rotations) <= int(elapsed // period)
+            assert [e.version for e in rotations] == list(range(2, 2 + len(rotations)))
+            gaps = [(b.time.ToMicroseconds() - a.time.ToMicroseconds()) / 1e6
+                    for a, b in itertools.pairwise(rotations)]  # fmt: skip
+            assert all(gap >= period - 0.05 for gap in gaps), gaps
+            verify_chain(one.stub("auditor"))
         finally:
             for replica in started:
                 replica.kill()

@@ -27,6 +27,10 @@ _SCHEDULED_HAS_DUE = "state <> 'destroy_scheduled' OR destroy_due_us IS NOT NULL
 
 
 def upgrade() -> None:
+    # Plain ADD COLUMN: keys needs no rebuild.
+    op.add_column("keys", sa.Column("rotation_period_us", sa.BigInteger(), nullable=True))
+    op.add_column("keys", sa.Column("next_rotation_us", sa.BigInteger(), nullable=True))
+    op.create_index(op.f("ix_keys_next_rotation_us"), "keys", ["next_rotation_us"])
     with op.batch_alter_table("key_versions", recreate="auto") as batch:
         batch.add_column(sa.Column("destroy_due_us", sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column("destroy_requested_by", sa.String(length=256), nullable=True))
@@ -53,3 +57,6 @@ def downgrade() -> None:
         batch.drop_column("destroy_approved_by")
         batch.drop_column("destroy_requested_by")
         batch.drop_column("destroy_due_us")
+    op.drop_index(op.f("ix_keys_next_rotation_us"), table_name="keys")
+    op.drop_column("keys", "next_rotation_us")
+    op.drop_column("keys", "rotation_period_us")
