@@ -61,6 +61,7 @@ class Lifecycle:
         self._thread: threading.Thread | None = None
         # Versions whose row failed its integrity check: audited once, then left alone.
         self._refused: set[tuple[str, int]] = set()
+        self._refused_keys: set[str] = set()
 
     # Use cases
 
@@ -326,7 +327,7 @@ class Lifecycle:
     def _pass(self) -> None:
         try:
             self.carry_out_due()
-            rotation_schedule.rotate_due_keys(self._service)
+            rotation_schedule.rotate_due_keys(self._service, self._refused_keys)
         except Exception:  # a bug: keep the scheduler alive, loudly
             log.exception("the lifecycle scheduler's pass failed")
 

@@ -91,8 +91,10 @@ def update_key(
     return service._run(caller.name, Action.UPDATE_KEY, audit, work)
 
 
-def rotate_due_keys(service: KeyManagementService) -> int:
-    """Rotates every key whose automatic rotation is due; returns how many this replica did."""
+def rotate_due_keys(service: KeyManagementService, refused: set[str]) -> int:
+    """Rotates every key whose automatic rotation is due; returns how many this replica did.
+    A key whose row fails its integrity check is audited once, added to `refused` and then
+    left alone by this process."""
     try:
         with service._sessions() as session:
             due = Repository(session, service._integrity).due_rotations(svc.now_us(), DUE_BATCH)
@@ -101,9 +103,13 @@ def rotate_due_keys(service: KeyManagementService) -> int:
         return 0
     rotated = 0
     for key_name in due:
+        if key_name in refused:
+            continue
         try:
             rotated += _rotate_if_due(service, key_name)
         except KmsError as error:
+            if error.status_name == "DATA_LOSS":
+                refused.add(key_name)
             log.error(
                 "the automatic rotation of %s was not made: %s (%s)",
                 key_name,

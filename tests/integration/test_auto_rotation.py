@@ -111,3 +111,17 @@ def test_a_rotation_schedule_changed_in_the_database_is_refused(kms: RunningKms)
         lambda: issue(kms.stub("backup"), "b-1"), grpc.StatusCode.DATA_LOSS, "STATE_INTEGRITY"
     )
     assert not verify(kms).intact
+
+
+def test_a_tampered_due_key_is_refused_once_not_every_pass(kms: RunningKms) -> None:
+    register(kms.stub("admin"), activate=True)
+    _update(kms, 3600)
+    with database(kms) as connection:
+        connection.execute(text("UPDATE keys SET next_rotation_us = 1"))  # due long ago
+    time.sleep(1.5)  # several scheduler passes (0.2 s apart in dev mode)
+    refusals = [
+        e
+        for e in all_audit_events(kms.stub("auditor"))
+        if e.actor == SCHEDULER and e.outcome == kms_pb2.AUDIT_OUTCOME_DENIED
+    ]
+    assert [(e.key_name, e.status_code) for e in refusals] == [(KEY, "DATA_LOSS")]
