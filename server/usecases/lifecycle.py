@@ -32,6 +32,7 @@ from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
 from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
+from server.thread_names import name_os_thread
 from server.usecases import rotation_schedule
 
 if TYPE_CHECKING:
@@ -315,6 +316,7 @@ class Lifecycle:
             self._thread = None
 
     def _loop(self) -> None:
+        name_os_thread()
         interval = min(
             MAX_SCHEDULER_INTERVAL_SECONDS,
             max(MIN_SCHEDULER_INTERVAL_SECONDS, self._delay_us / 1e6 / 10),
