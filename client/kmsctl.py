@@ -63,7 +63,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
         print(json.dumps([to_json(v) for v in versions], indent=2))
         return
     print_table(
-        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROYED", "BACKUPS"],
+        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROY TIME", "BACKUPS"],
         [
             [
                 v.key_name,
