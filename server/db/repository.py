@@ -208,11 +208,16 @@ class Repository(MetaStore):
         )
         return list(self._session.scalars(query))
 
-    def next_destruction_due(self) -> int | None:
-        query = select(func.min(KeyVersionRow.destroy_due_us)).where(
-            KeyVersionRow.state == "destroy_scheduled"
+    def next_due(self) -> int | None:
+        """The earliest scheduled destruction or automatic rotation, if any (both on indexes)."""
+        destruction = self._session.scalar(
+            select(func.min(KeyVersionRow.destroy_due_us)).where(
+                KeyVersionRow.state == "destroy_scheduled"
+            )
         )
-        return self._session.scalar(query)
+        rotation = self._session.scalar(select(func.min(KeyRow.next_rotation_us)))
+        due = [time for time in (destruction, rotation) if time is not None]
+        return min(due) if due else None
 
     def flush(self) -> None:
         self._session.flush()

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 # How many due destructions one pass of the scheduler reads (the rest wait for the next pass).
 DUE_BATCH = 100
-MAX_SCHEDULER_INTERVAL_SECONDS = 30.0
-MIN_SCHEDULER_INTERVAL_SECONDS = 0.2
+LONGEST_WAIT_SECONDS = 30.0
+DEV_LONGEST_WAIT_SECONDS = 2.0
+SHORTEST_WAIT_SECONDS = 0.005  # past the due time, so the pass finds it due
+PAST_DUE_WAIT_SECONDS = 1.0
 
 
 class Lifecycle:
@@ -59,6 +61,7 @@ class Lifecycle:
         self._approvals = approvals  # read per call: the policy may be reloaded
         self._delay_us = int(destroy_delay_seconds * 1_000_000)
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         # Versions whose row failed its integrity check: audited once, then left alone.
         self._refused: set[tuple[str, int]] = set()
@@ -137,6 +140,8 @@ class Lifecycle:
         info = self._service._run(caller.name, action, audit, work)
         if immediate:
             self._service._forget_destroyed(key_name, version)
+        elif not validate_only:
+            self.wake()
         return info
 
     def cancel_destruction(
@@ -220,7 +225,9 @@ class Lifecycle:
             count = repo.backup_count(key_name, version)
             return svc._version_info(row, key.active_version, count)
 
-        return self._service._run(caller.name, Action.APPROVE_DESTROY, audit, work)
+        approved = self._service._run(caller.name, Action.APPROVE_DESTROY, audit, work)
+        self.wake()
+        return approved
 
     # The scheduler
 
@@ -311,20 +318,44 @@ class Lifecycle:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
 
+    def wake(self) -> None:
+        """Something was scheduled here: look again now (other replicas' changes are seen
+        within the longest wait)."""
+        self._wake.set()
+
     def _loop(self) -> None:
         name_os_thread()
-        interval = min(
-            MAX_SCHEDULER_INTERVAL_SECONDS,
-            max(MIN_SCHEDULER_INTERVAL_SECONDS, self._delay_us / 1e6 / 10),
+        while not self._stop.is_set():
+            self._wake.wait(self._seconds_to_next())
+            self._wake.clear()
+            if not self._stop.is_set():
+                self._pass()
+
+    def _seconds_to_next(self) -> float:
+        """Until the next due destruction or rotation the database knows of, within bounds:
+        an idle server looks once per longest wait (30 s; 2 s in dev mode)."""
+        longest = (
+            DEV_LONGEST_WAIT_SECONDS if self.min_rotation_seconds == 0 else LONGEST_WAIT_SECONDS
         )
-        if self.min_rotation_seconds == 0:  # dev mode: periods of seconds are allowed
-            interval = MIN_SCHEDULER_INTERVAL_SECONDS
-        while not self._stop.wait(interval):
-            self._pass()
+        service = self._service
+        try:
+            with service._sessions() as session:
+                due = Repository(session, service._integrity).next_due()
+        except svc.DATABASE_ERRORS:
+            return longest
+        if due is None:
+            return longest
+        left = (due - svc.now_us()) / 1e6
+        if left <= 0:
+            # Due and still there after a pass: refused, failed, or due just now. Again soon,
+            # but not in a busy loop.
+            return min(longest, PAST_DUE_WAIT_SECONDS)
+        return min(longest, left + SHORTEST_WAIT_SECONDS)
 
     def _pass(self) -> None:
         try:

@@ -88,7 +88,9 @@ def update_key(
             key.next_rotation_us,
         )
 
-    return service._run(caller.name, Action.UPDATE_KEY, audit, work)
+    updated = service._run(caller.name, Action.UPDATE_KEY, audit, work)
+    service.lifecycle.wake()
+    return updated
 
 
 def rotate_due_keys(service: KeyManagementService, refused: set[str]) -> int:

@@ -30,7 +30,8 @@ VERSIONS = 8
 def test_two_replicas_carry_out_each_due_destruction_exactly_once(tmp_path: Path) -> None:
     for url in postgres_database():
         secrets = Secrets.create(tmp_path / "secrets")
-        # Dev mode allows a short delay; both replicas' schedulers poll every 0.2 s.
+        # Dev mode allows a short delay. The replica that scheduled a destruction sleeps
+        # until it is due; the other finds it within 2 s, or at the due time it read before.
         started = [
             Replica(
                 f"replica-{n}",
