@@ -82,11 +82,13 @@ class Lifecycle:
         needs_approval = self._approvals() >= 2
         # A zero delay (dev mode only) destroys at once, as before scheduling existed.
         immediate = self._delay_us == 0 and not validate_only and not needs_approval
-        action = Action.DESTROY_VERSION if immediate else Action.SCHEDULE_DESTROY
+        # A refusal is audited as the request it refused, whatever the delay.
+        action = Action.SCHEDULE_DESTROY
         if validate_only:
             action = Action.PREVIEW_DESTROY
 
         def work(repo: Repository) -> KeyVersionInfo:
+            nonlocal action
             svc._require(caller, Role.ADMIN)
             model.check_key_name(key_name)
             model.check_version(version)
@@ -114,6 +116,7 @@ class Lifecycle:
                 )
             if immediate:
                 _shred(row, now)
+                action = Action.DESTROY_VERSION  # what the replay reads: carried out
                 audit.detail = f"{count} backups bound"
             elif needs_approval:
                 # No due time yet: the waiting period starts with the approval.
@@ -137,7 +140,7 @@ class Lifecycle:
             repo.flush()
             return svc._version_info(row, key.active_version, count)
 
-        info = self._service._run(caller.name, action, audit, work)
+        info = self._service._run(caller.name, action, audit, work, action_of=lambda: action)
         if immediate:
             self._service._forget_destroyed(key_name, version)
         elif not validate_only:
