@@ -365,6 +365,29 @@ class Client:
             "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
         }
 
+    def blast_radius(self, key_name: str) -> dict[str, Any]:
+        """backup_count of every version of a key (one GROUP BY on the (key, version) index)
+        and the first page of ListBackups for its first version, timed."""
+        admin = self.metadata["admin"]
+        began = time.perf_counter()
+        listed = self.stub.ListKeyVersions(
+            kms_pb2.ListKeyVersionsRequest(key_name=key_name), metadata=admin, timeout=600
+        )
+        counted = time.perf_counter()
+        page = self.stub.ListBackups(
+            kms_pb2.ListBackupsRequest(key_name=key_name, version=1, page_size=1000),
+            metadata=admin,
+            timeout=600,
+        )
+        paged = time.perf_counter()
+        return {
+            "key": key_name,
+            "backups_bound": sum(int(v.backup_count) for v in listed.key_versions),
+            "list_key_versions_ms": round((counted - began) * 1000, 1),
+            "list_backups_page_ms": round((paged - counted) * 1000, 1),
+            "page_backups": len(page.backups),
+        }
+
     def verify_audit(self) -> dict[str, Any]:
         began = time.perf_counter()
         answer = self.stub.VerifyAuditLog(
@@ -518,6 +541,8 @@ class Bench:
         with kms_server(data_dir, url, self.processes) as kms:
             client = Client(kms, self.loop, self.connections)
             figures.update(self.rpc_figures("scale", client, seeded.keys, seeded.sample_backup_ids))
+            self.step("scale: backup_count and ListBackups (the blast radius of a destroy)")
+            figures["blast_radius"] = client.blast_radius(seeded.keys[0])
             self.step("scale: VerifyAuditLog over the whole chain")
             figures["verify_audit"] = client.verify_audit()
             client.close()

@@ -167,6 +167,8 @@ HINTS: dict[str, str] = {
     "KEY_NOT_FOUND": "kmsctl keys lists the keys; kmsctl register {key} --activate creates one",
     "KEY_VERSION_NOT_FOUND": "kmsctl versions {key} lists its versions",
     "KEY_VERSION_DISABLED": "enable it with: kmsctl enable {key} VERSION",
+    "KEY_VERSION_ACTIVE": "make another version active first: kmsctl rotate {key} VERSION",
+    "KEY_VERSION_DESTROY_SCHEDULED": "kmsctl cancel-destroy {key} VERSION cancels it until due",
     "CREDENTIALS_MISSING": "give a token: --token-file FILE or KMS_TOKEN_FILE",
     "CREDENTIALS_INVALID": "the token is not in the server's policy file; check --token-file",
 }

@@ -443,6 +443,56 @@ class KmsClient:
         )
         return self._call(self._stub.DestroyKeyVersion, request, retry=False).key_version
 
+    def preview_destroy(self, key_name: str, version: int) -> kms_pb2.KeyVersion:
+        """What destroying the version would do (due time, backups lost); changes nothing."""
+        request = kms_pb2.DestroyKeyVersionRequest(
+            key_name=key_name, version=version, validate_only=True
+        )
+        return self._call(self._stub.DestroyKeyVersion, request, retry=True).key_version
+
+    def cancel_key_version_destruction(
+        self, key_name: str, version: int, *, reason: str = ""
+    ) -> kms_pb2.KeyVersion:
+        request = kms_pb2.CancelKeyVersionDestructionRequest(
+            key_name=key_name, version=version, reason=reason
+        )
+        return self._call(self._stub.CancelKeyVersionDestruction, request, retry=False).key_version
+
+    def rewrap_backups(
+        self, key_name: str, from_version: int, batch_size: int = 0
+    ) -> kms_pb2.RewrapBackupsResponse:
+        """One batch; idempotent, so retried like a read."""
+        request = kms_pb2.RewrapBackupsRequest(
+            key_name=key_name, from_version=from_version, batch_size=batch_size
+        )
+        return self._call(self._stub.RewrapBackups, request, retry=True)
+
+    def approve_key_version_destruction(
+        self, key_name: str, version: int, *, reason: str = ""
+    ) -> kms_pb2.KeyVersion:
+        request = kms_pb2.ApproveKeyVersionDestructionRequest(
+            key_name=key_name, version=version, reason=reason
+        )
+        return self._call(self._stub.ApproveKeyVersionDestruction, request, retry=False).key_version
+
+    def update_key(self, key_name: str, rotation_period_seconds: int) -> kms_pb2.Key:
+        request = kms_pb2.UpdateKeyRequest(
+            key_name=key_name, rotation_period_seconds=rotation_period_seconds
+        )
+        return self._call(self._stub.UpdateKey, request, retry=True).key
+
+    def iter_backups(self, key_name: str, version: int = 0) -> Iterator[kms_pb2.Backup]:
+        page_token = ""
+        while True:
+            request = kms_pb2.ListBackupsRequest(
+                key_name=key_name, version=version, page_size=1000, page_token=page_token
+            )
+            response = self._call(self._stub.ListBackups, request, retry=True)
+            yield from response.backups
+            page_token = response.next_page_token
+            if not page_token:
+                return
+
     # Retried: GetActiveKey is idempotent per backup id, the rest are reads.
     def get_active_key(self, key_name: str, backup_id: str) -> kms_pb2.GetActiveKeyResponse:
         request = kms_pb2.GetActiveKeyRequest(key_name=key_name, backup_id=backup_id)

@@ -23,11 +23,10 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from client import audit_tools
+from client import audit_tools, lifecycle_commands
 from client.cli_common import (
     EXIT_FAILURE,
     EXIT_OK,
-    CliError,
     CliParser,
     UsageError,
     add_version,
@@ -132,7 +131,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
         emit_json([to_json(v) for v in versions])
         return
     print_table(
-        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROYED"],
+        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROY TIME", "BACKUPS"],
         [
             [
                 cell(v.key_name),
@@ -142,6 +141,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
                 kms_pb2.KeyVersionOrigin.Name(v.origin).removeprefix("KEY_VERSION_ORIGIN_").lower(),
                 when(v.create_time),
                 when(v.destroy_time, v.HasField("destroy_time")),
+                str(v.backup_count),
             ]
             for v in versions
         ],
@@ -201,41 +201,33 @@ def cmd_keys(client: KmsClient, args: argparse.Namespace) -> int:
         emit_json([to_json(k) for k in keys])
         return EXIT_OK
     print_table(
-        ["KEY", "ACTIVE", "VERSIONS", "CREATED"],
+        ["KEY", "ACTIVE", "VERSIONS", "CREATED", "NEXT ROTATION"],
         [
-            [cell(k.name), str(k.active_version or "-"), str(k.version_count), when(k.create_time)]
+            [
+                cell(k.name),
+                str(k.active_version or "-"),
+                str(k.version_count),
+                when(k.create_time),
+                when(k.next_rotation_time, k.HasField("next_rotation_time")),
+            ]
             for k in keys
         ],
     )
     return EXIT_OK
 
 
-def confirm_destroy(client: KmsClient, args: argparse.Namespace) -> None:
-    """Checks the version exists and may be destroyed before asking anything."""
-    current = client.get_key_version(args.key_name, args.version)
-    name = cell(args.key_name)
-    if current.active:
-        raise CliError(
-            f"{name} version {args.version} is the active version and cannot be destroyed; "
-            f"make another one active first: kmsctl rotate {name} VERSION",
-            reason="KEY_VERSION_ACTIVE",
-        )
-    if current.state == kms_pb2.KEY_VERSION_STATE_DESTROYED:
-        raise CliError(
-            f"{name} version {args.version} is already destroyed", reason="KEY_VERSION_DESTROYED"
-        )
-    if args.yes:
-        return
-    if not sys.stdin.isatty():
-        raise UsageError(
-            "destroy is irreversible: pass --yes when not on a terminal", reason="NOT_CONFIRMED"
-        )
-    answer = input(
-        f"Destroy {name} version {args.version}? Backups bound to it can never be "
-        f"restored again. Type the key name to confirm: "
+def cmd_cancel_destroy(client: KmsClient, args: argparse.Namespace) -> int:
+    version = client.cancel_key_version_destruction(args.key_name, args.version, reason=args.reason)
+    print_versions([version], args.json)
+    return EXIT_OK
+
+
+def cmd_approve_destroy(client: KmsClient, args: argparse.Namespace) -> int:
+    version = client.approve_key_version_destruction(
+        args.key_name, args.version, reason=args.reason
     )
-    if answer.strip() != args.key_name:
-        raise CliError("not destroyed: the answer was not the key name", reason="NOT_CONFIRMED")
+    print_versions([version], args.json)
+    return EXIT_OK
 
 
 def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
@@ -245,7 +237,7 @@ def cmd_state_change(client: KmsClient, args: argparse.Namespace) -> int:
         "destroy": client.destroy_key_version,
     }
     if args.command == "destroy":
-        confirm_destroy(client, args)
+        lifecycle_commands.confirm_destroy(client, args)
     version = change[args.command](args.key_name, args.version, reason=args.reason)
     print_versions([version], args.json)
     return EXIT_OK
@@ -360,6 +352,22 @@ def _destroy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
 
+def _backups_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    lifecycle_commands.backups_arguments(parser)
+
+
+def _retire_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    _version(parser)
+    lifecycle_commands.retire_arguments(parser)
+
+
+def _auto_rotate_arguments(parser: argparse.ArgumentParser) -> None:
+    _key(parser)
+    lifecycle_commands.auto_rotate_arguments(parser)
+
+
 def _action_name(text: str) -> str:
     if (
         not text
@@ -416,7 +424,40 @@ COMMANDS: list[Command] = [
     ),
     Command(("enable",), "enable a disabled version", _change_arguments, cmd_state_change),
     Command(
-        ("destroy",), "crypto-shred a version: irreversible", _destroy_arguments, cmd_state_change
+        ("destroy",),
+        "schedule a version's crypto-shredding (cancellable until due): its backups go with it",
+        _destroy_arguments,
+        cmd_state_change,
+    ),
+    Command(
+        ("cancel-destroy",),
+        "cancel a scheduled or pending destruction (the version becomes disabled)",
+        _change_arguments,
+        cmd_cancel_destroy,
+    ),
+    Command(
+        ("approve-destroy",),
+        "approve another admin's destroy (two-person rule): the waiting period starts",
+        _change_arguments,
+        cmd_approve_destroy,
+    ),
+    Command(
+        ("backups",),
+        "list the backups bound to a key or one version",
+        _backups_arguments,
+        lifecycle_commands.cmd_backups,
+    ),
+    Command(
+        ("retire",),
+        "move every backup of a version to the active version (rewrap), so it can go",
+        _retire_arguments,
+        lifecycle_commands.cmd_retire,
+    ),
+    Command(
+        ("auto-rotate",),
+        "rotate a key automatically every period, or --off",
+        _auto_rotate_arguments,
+        lifecycle_commands.cmd_auto_rotate,
     ),
     Command(
         ("audit", "list"),

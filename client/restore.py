@@ -133,6 +133,8 @@ def explain_resolve_failure(error: KmsError, header: ArchiveHeader, addr: str) -
         "the backup can never be restored",
         "KEY_VERSION_DISABLED": f"key {version} of this backup is disabled: "
         "enable it to restore this backup",
+        "KEY_VERSION_DESTROY_SCHEDULED": f"key {version} of this backup is scheduled for "
+        "destruction: cancel that to restore this backup",
         "BACKUP_NOT_FOUND": f"the server does not know backup {header.backup_id}",
         "KEY_NOT_FOUND": f"the server does not know key {header.key_name}",
         "RECOVERY_KEY_MISMATCH": f"the server does not know backup {header.backup_id}, and "
@@ -160,7 +162,9 @@ def resolve_data_key(client: KmsClient, header: ArchiveHeader) -> bytes:
         resolved = client.resolve_key_for_backup(header.backup_id, recovery)
     except KmsError as exc:
         raise RestoreError(explain_resolve_failure(exc, header, client.config.addr)) from None
-    if resolved.key_name != header.key_name or resolved.version != header.key_version:
+    # A newer version than the header's is a retired version's backup, rewrapped
+    # (kmsctl retire); the archive's own authentication checks the data key either way.
+    if resolved.key_name != header.key_name or resolved.version < header.key_version:
         raise RestoreError(
             f"the server binds backup {header.backup_id} to key {resolved.key_name} "
             f"version {resolved.version}, but the archive header says {header.key_name} "

@@ -169,8 +169,14 @@ def create_server(
             audit_sink=audit_file,
             material_cache_seconds=settings.material_cache_seconds,
             data_key_retry_window_seconds=settings.data_key_retry_window_seconds,
+            destroy_delay_seconds=settings.destroy_delay_seconds,
+            destroy_approvals=lambda: policy.policy.destroy_approvals,
+            # Dev mode allows any period, so tests can rotate every few seconds.
+            min_rotation_seconds=0 if settings.dev else 3600,
         )
         service.check_root_key()
+        # Carries out destructions that fell due while the server was down, then keeps looking.
+        service.lifecycle.start()
         if settings.metrics_listen:
             metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees

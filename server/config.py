@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,12 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names it."""
+
+
+DEFAULT_DESTROY_DELAY_SECONDS = 7 * 86400
+MIN_DESTROY_DELAY_SECONDS = 86400  # outside dev mode
+_DURATION = re.compile(r"(\d{1,9})([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class ServerSettings:
     auth_failure_summary_seconds: int = 60
     public_max_concurrent_rpcs: int = 64
     public_max_rpcs_per_connection: int = 4
+    # The waiting period of DestroyKeyVersion (server.usecases.lifecycle).
+    destroy_delay_seconds: int = DEFAULT_DESTROY_DELAY_SECONDS
 
     @property
     def uses_tls(self) -> bool:
@@ -128,6 +137,12 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "KMS_AUDIT_FILE",
         "also append every audit event to this file as a JSON line, fsynced before the reply; "
         "calls fail closed when it cannot be written; SIGHUP reopens it (default: off)",
+    ),
+    (
+        "--destroy-delay",
+        "KMS_DESTROY_DELAY",
+        "how long a destroyed key version waits, cancellable, before it is crypto-shredded: "
+        "30s, 15m, 24h, 7d; at least 24h unless --dev (default 7d)",
     ),
     (
         "--material-cache-seconds",
@@ -301,6 +316,11 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             "address: the metrics are plain HTTP without authentication and name every key; "
             "give --metrics-allow-remote to serve them beyond this machine"
         )
+    try:
+        destroy_delay_seconds = _destroy_delay(value("--destroy-delay", "KMS_DESTROY_DELAY"), dev)
+    except ConfigError as error:
+        problems.append(str(error))
+        destroy_delay_seconds = DEFAULT_DESTROY_DELAY_SECONDS
     cache_text = value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
     material_cache_seconds = MAX_MATERIAL_CACHE_SECONDS
     if cache_text is not None:
@@ -376,6 +396,7 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             4,
             MAX_CONCURRENT_RPCS,
         ),
+        destroy_delay_seconds=destroy_delay_seconds,
     )
     if not problems:
         try:
@@ -458,6 +479,29 @@ def regular_file_problem(path: Path, limit: int) -> str | None:
     if not os.access(path, os.R_OK):
         return "cannot be read: permission denied"
     return None
+
+
+def parse_duration(raw: str) -> int:
+    """Seconds in a duration such as 30s, 15m, 24h or 7d; ConfigError otherwise."""
+    match = _DURATION.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(f"{raw!r} is not a duration such as 30s, 15m, 24h or 7d")
+    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _destroy_delay(raw: str | None, dev: bool) -> int:
+    if raw is None:
+        return DEFAULT_DESTROY_DELAY_SECONDS
+    try:
+        seconds = parse_duration(raw)
+    except ConfigError as error:
+        raise ConfigError(f"--destroy-delay / KMS_DESTROY_DELAY: {error}") from None
+    if seconds < MIN_DESTROY_DELAY_SECONDS and not dev:
+        raise ConfigError(
+            "--destroy-delay / KMS_DESTROY_DELAY must be at least 24h (shorter only with --dev), "
+            f"not {raw!r}"
+        )
+    return seconds
 
 
 def listen_host(listen: str, name: str = "--listen / KMS_LISTEN") -> str:

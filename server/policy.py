@@ -56,6 +56,8 @@ class Policy:
     by_token_hash: dict[str, Principal] = field(repr=False)
     # Principals that may present a client certificate (auth includes "certificate").
     by_certificate: dict[str, Principal] = field(default_factory=dict, repr=False)
+    # 2: the two-person rule for DestroyKeyVersion (server.usecases.lifecycle).
+    destroy_approvals: int = 1
 
     @classmethod
     def load(cls, path: Path) -> Policy:
@@ -86,9 +88,12 @@ class Policy:
     def parse(cls, document: object, source: str = "policy") -> Policy:
         if not isinstance(document, dict):
             raise PolicyError(f"{source}: the policy must be a table")
-        unknown = set(document) - {"principals"}
+        unknown = set(document) - {"principals", "destroy_approvals"}
         if unknown:
             raise PolicyError(f"{source}: unknown setting(s) {_names(unknown)}")
+        approvals = document.get("destroy_approvals", 1)
+        if type(approvals) is not int or approvals not in (1, 2):
+            raise PolicyError(f"{source}: destroy_approvals must be 1 or 2")
         entries = document.get("principals", {})
         if not isinstance(entries, dict):
             raise PolicyError(f"{source}: [principals] must be a table")
@@ -110,7 +115,7 @@ class Policy:
                 if digest in by_token_hash:
                     raise PolicyError(f"{where}: a token hash is listed twice")
                 by_token_hash[digest] = principal
-        return cls(principals, by_token_hash, by_certificate)
+        return cls(principals, by_token_hash, by_certificate, approvals)
 
     def principal_for_token(self, token: str) -> Principal | None:
         # Looking up the digest leaks nothing about the token: SHA-256 is preimage resistant.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime
 import logging
 import random
 import time
@@ -130,6 +131,9 @@ class KeyManagementService:
         audit_sink: AuditSink | None = None,
         material_cache_seconds: float = DEFAULT_MAX_AGE_SECONDS,
         data_key_retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
+        destroy_delay_seconds: float = 0.0,
+        destroy_approvals: Callable[[], int] = lambda: 1,
+        min_rotation_seconds: int = 3600,
     ) -> None:
         self._engine = engine
         # How long the principal that made a binding may get its data key again (a retry).
@@ -144,9 +148,16 @@ class KeyManagementService:
         self._materials = MaterialCache(material_cache_seconds)
         self._materials.start_sweeping()
         self._committer = GroupCommitter(self._run_data_key_batch)
+        from server.usecases.lifecycle import Lifecycle  # it uses this module's helpers
+
+        self.lifecycle = Lifecycle(
+            self, destroy_delay_seconds, destroy_approvals, min_rotation_seconds
+        )
 
     def close(self) -> None:
-        """Stops the group committer once in-flight calls are done, then wipes cached material."""
+        """Stops the scheduler and the group committer once in-flight calls are done, then
+        wipes cached material."""
+        self.lifecycle.stop()
         self._committer.stop()
         self._materials.close()
 
@@ -362,7 +373,8 @@ class KeyManagementService:
             _require_key(caller, Role.ADMIN, key_name)
             model.check_version(version)
             key = _existing_key(repo, key_name)
-            return _version_info(_existing_version(repo, key_name, version), key.active_version)
+            row = _existing_version(repo, key_name, version)
+            return _version_info(row, key.active_version, repo.backup_count(key_name, version))
 
         return self._run(caller.name, Action.GET_VERSION, audit, work)
 
@@ -374,7 +386,11 @@ class KeyManagementService:
             model.check_key_name(key_name)
             _require_key(caller, Role.ADMIN, key_name)
             key = _existing_key(repo, key_name)
-            return [_version_info(row, key.active_version) for row in repo.list_versions(key_name)]
+            counts = repo.backup_counts(key_name)
+            return [
+                _version_info(row, key.active_version, counts.get(row.version, 0))
+                for row in repo.list_versions(key_name)
+            ]
 
         return self._run(caller.name, Action.LIST_VERSIONS, audit, work)
 
@@ -395,7 +411,15 @@ class KeyManagementService:
                 scope.everything,
             )
             keys = [
-                KeyInfo(row.name, row.active_version, count, row.created_us) for row, count in rows
+                KeyInfo(
+                    row.name,
+                    row.active_version,
+                    count,
+                    row.created_us,
+                    row.rotation_period_us,
+                    row.next_rotation_us,
+                )
+                for row, count in rows
             ]
             return keys, last.encode().hex() if more else ""
 
@@ -429,6 +453,7 @@ class KeyManagementService:
                 raise FailedPrecondition(
                     "ALREADY_ENABLED", f"{key_name} version {version} is already enabled"
                 )
+            _refuse_if_scheduled(row, "enable")
             row.state = VersionState.ENABLED
 
         return self._change_version(
@@ -436,20 +461,18 @@ class KeyManagementService:
         )
 
     def destroy_key_version(
-        self, caller: Principal, key_name: str, version: int, reason: str
+        self,
+        caller: Principal,
+        key_name: str,
+        version: int,
+        reason: str,
+        *,
+        validate_only: bool = False,
     ) -> KeyVersionInfo:
-        def change(row: KeyVersionRow, active: int | None) -> None:
-            _refuse_if_active_or_destroyed(row, active, "destroy")
-            # Crypto-shredding: the only copy of the material is erased, not flagged.
-            row.state = VersionState.DESTROYED
-            row.wrapped_material = None
-            row.destroyed_us = now_us()
-
-        destroyed = self._change_version(
-            caller, Action.DESTROY_VERSION, key_name, version, reason, change
+        """Schedules the destruction (server.usecases.lifecycle); the scheduler carries it out."""
+        return self.lifecycle.schedule_destruction(
+            caller, key_name, version, reason, validate_only=validate_only
         )
-        self._forget_destroyed(key_name, version)
-        return destroyed
 
     def _forget_destroyed(self, key_name: str, version: int) -> None:
         """After a destroy commits: no copy of the material in this process's cache, and on
@@ -711,8 +734,18 @@ class KeyManagementService:
                 audit_status="PERMISSION_DENIED",
                 audit_detail=_out_of_scope(caller.name, ref.key_name),
             )
-        if repo.get_version(ref.key_name, ref.version) is None:
+        version_row = repo.get_version(ref.key_name, ref.version)
+        if version_row is None:
             raise NotFound("BACKUP_NOT_FOUND", missing)
+        if version_row.state == VersionState.DESTROYED:
+            raise FailedPrecondition(
+                "KEY_VERSION_DESTROYED",
+                f"no key is bound to backup {backup_id} (its binding is missing, as after a "
+                f"database restore), and the version its header names, {ref.key_name} version "
+                f"{ref.version}, was destroyed: if the backup was retired to a newer version "
+                "first, only its binding can restore it; restore the database from a backup "
+                "that holds it",
+            )
         material = self._usable_material(repo, ref.key_name, ref.version)
         try:
             data_key = crypto.unwrap_data_key(
@@ -851,7 +884,9 @@ class KeyManagementService:
             self._integrity.state.check(facts.sealed(key_name, version), facts.mac)
         except IntegrityFailure as error:
             failure = error
-        return _Version(key_name, version, facts.state, facts.wrapped_material, failure)
+        return _Version(
+            key_name, version, facts.state, facts.wrapped_material, failure, facts.destroy_due_us
+        )
 
     def _issue(
         self,
@@ -1044,6 +1079,8 @@ class _VersionLike(Protocol):
     def state(self) -> str: ...
     @property
     def wrapped_material(self) -> bytes | None: ...
+    @property
+    def destroy_due_us(self) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -1053,6 +1090,7 @@ class _Version:
     state: str
     wrapped_material: bytes | None
     integrity_failure: IntegrityFailure | None = None  # the row failed its MAC check
+    destroy_due_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1310,6 +1348,44 @@ def _require_usable(row: _VersionLike, what: str) -> None:
             "KEY_VERSION_DISABLED",
             f"{what}: {row.key_name} version {row.version} is disabled (enable it first)",
         )
+    if row.state == VersionState.PENDING_APPROVAL:
+        raise FailedPrecondition(
+            "KEY_VERSION_PENDING_APPROVAL",
+            f"{what}: {row.key_name} version {row.version} is to be destroyed once a second "
+            f"admin approves; `kmsctl cancel-destroy {row.key_name} {row.version}` cancels it",
+        )
+    if row.state == VersionState.DESTROY_SCHEDULED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROY_SCHEDULED",
+            f"{what}: {row.key_name} version {row.version} is scheduled for destruction at "
+            f"{format_time_us(row.destroy_due_us)}; until then `kmsctl cancel-destroy "
+            f"{row.key_name} {row.version}` cancels it",
+        )
+
+
+def _refuse_if_scheduled(row: KeyVersionRow, verb: str) -> None:
+    if row.state == VersionState.PENDING_APPROVAL:
+        raise FailedPrecondition(
+            "KEY_VERSION_PENDING_APPROVAL",
+            f"cannot {verb} {row.key_name} version {row.version}: its destruction awaits a "
+            f"second admin's approval; cancel it first with `kmsctl cancel-destroy "
+            f"{row.key_name} {row.version}`",
+        )
+    if row.state == VersionState.DESTROY_SCHEDULED:
+        raise FailedPrecondition(
+            "KEY_VERSION_DESTROY_SCHEDULED",
+            f"cannot {verb} {row.key_name} version {row.version}: its destruction is scheduled "
+            f"for {format_time_us(row.destroy_due_us)}; cancel it first with `kmsctl "
+            f"cancel-destroy {row.key_name} {row.version}`",
+        )
+
+
+def format_time_us(time_us: int | None) -> str:
+    """A time as people read it in messages: ISO 8601, UTC, to the second."""
+    if time_us is None:
+        return "an unknown time"
+    moment = datetime.datetime.fromtimestamp(time_us / 1e6, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _refuse_if_active_or_destroyed(row: KeyVersionRow, active: int | None, verb: str) -> None:
@@ -1324,9 +1400,12 @@ def _refuse_if_active_or_destroyed(row: KeyVersionRow, active: int | None, verb:
             "KEY_VERSION_DESTROYED",
             f"cannot {verb} {row.key_name} version {row.version}: it is already destroyed",
         )
+    _refuse_if_scheduled(row, verb)
 
 
-def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionInfo:
+def _version_info(
+    row: KeyVersionRow, active_version: int | None, backup_count: int | None = None
+) -> KeyVersionInfo:
     return KeyVersionInfo(
         key_name=row.key_name,
         version=row.version,
@@ -1335,6 +1414,10 @@ def _version_info(row: KeyVersionRow, active_version: int | None) -> KeyVersionI
         origin=VersionOrigin(row.origin),
         created_us=row.created_us,
         destroyed_us=row.destroyed_us,
+        destroy_due_us=row.destroy_due_us,
+        destroy_requested_by=row.destroy_requested_by,
+        destroy_approved_by=row.destroy_approved_by,
+        backup_count=backup_count,
     )
 
 

@@ -84,6 +84,8 @@ class KmsStub:
 
 def start_kms(data_dir: Path, database_url: str = "", **overrides: str) -> RunningKms:
     args = ["--dev", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]
+    # Most tests destroy at once (a zero delay, dev mode only); the lifecycle tests set one.
+    overrides.setdefault("destroy_delay", "0s")
     if database_url:
         args += ["--database-url", database_url]
     for flag, value in overrides.items():

@@ -44,6 +44,14 @@ class _KeyVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyVe
     """Temporarily unusable: its backups do not resolve until it is enabled."""
     KEY_VERSION_STATE_DESTROYED: _KeyVersionState.ValueType  # 3
     """Crypto-shredded: its material is erased and its backups are lost."""
+    KEY_VERSION_STATE_DESTROY_SCHEDULED: _KeyVersionState.ValueType  # 4
+    """Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
+    `CancelKeyVersionDestruction` returns it to DISABLED until then.
+    """
+    KEY_VERSION_STATE_PENDING_APPROVAL: _KeyVersionState.ValueType  # 5
+    """Unusable: a destroy asked for under the two-person rule, waiting for a second
+    admin's `ApproveKeyVersionDestruction` (or a cancel).
+    """
 
 class KeyVersionState(_KeyVersionState, metaclass=_KeyVersionStateEnumTypeWrapper):
     """The lifecycle state of a key version."""
@@ -56,6 +64,14 @@ KEY_VERSION_STATE_DISABLED: KeyVersionState.ValueType  # 2
 """Temporarily unusable: its backups do not resolve until it is enabled."""
 KEY_VERSION_STATE_DESTROYED: KeyVersionState.ValueType  # 3
 """Crypto-shredded: its material is erased and its backups are lost."""
+KEY_VERSION_STATE_DESTROY_SCHEDULED: KeyVersionState.ValueType  # 4
+"""Unusable and waiting to be crypto-shredded at `KeyVersion.destroy_time`;
+`CancelKeyVersionDestruction` returns it to DISABLED until then.
+"""
+KEY_VERSION_STATE_PENDING_APPROVAL: KeyVersionState.ValueType  # 5
+"""Unusable: a destroy asked for under the two-person rule, waiting for a second
+admin's `ApproveKeyVersionDestruction` (or a cancel).
+"""
 Global___KeyVersionState: _TypeAlias = KeyVersionState  # noqa: Y015
 
 class _KeyVersionOrigin:
@@ -119,6 +135,9 @@ class KeyVersion(_message.Message):
     ORIGIN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     DESTROY_TIME_FIELD_NUMBER: _builtins.int
+    DESTROY_REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    BACKUP_COUNT_FIELD_NUMBER: _builtins.int
+    DESTROY_APPROVED_BY_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """The name of the key this version belongs to."""
     version: _builtins.int
@@ -129,13 +148,24 @@ class KeyVersion(_message.Message):
     """Whether this is the key's active version."""
     origin: Global___KeyVersionOrigin.ValueType
     """Where the material came from."""
+    destroy_requested_by: _builtins.str
+    """The admin who asked for the destruction; empty unless one was scheduled."""
+    backup_count: _builtins.int
+    """How many backups are bound to this version (restorable only while it is
+    usable). Set by GetKeyVersion, ListKeyVersions, DestroyKeyVersion and
+    CancelKeyVersionDestruction.
+    """
+    destroy_approved_by: _builtins.str
+    """The second admin who approved the destruction (two-person rule); empty otherwise."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was registered."""
 
     @_builtins.property
     def destroy_time(self) -> _timestamp_pb2.Timestamp:
-        """When the version was destroyed; unset unless it is destroyed."""
+        """While DESTROY_SCHEDULED, when the destruction falls due; once DESTROYED, when
+        it was carried out. Unset otherwise.
+        """
 
     def __init__(
         self,
@@ -147,14 +177,53 @@ class KeyVersion(_message.Message):
         origin: Global___KeyVersionOrigin.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         destroy_time: _timestamp_pb2.Timestamp | None = ...,
+        destroy_requested_by: _builtins.str = ...,
+        backup_count: _builtins.int = ...,
+        destroy_approved_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "destroy_approved_by", b"destroy_approved_by", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KeyVersion: _TypeAlias = KeyVersion  # noqa: Y015
+
+@_typing.final
+class Backup(_message.Message):
+    """One backup bound to a key version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    backup_id: _builtins.str
+    """The backup id the backup's data key was issued for."""
+    key_name: _builtins.str
+    """The key name."""
+    version: _builtins.int
+    """The key version its data key is wrapped under."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the binding was made (when GetActiveKey issued the data key)."""
+
+    def __init__(
+        self,
+        *,
+        backup_id: _builtins.str = ...,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "create_time", b"create_time", "key_name", b"key_name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Backup: _TypeAlias = Backup  # noqa: Y015
 
 @_typing.final
 class Key(_message.Message):
@@ -166,15 +235,23 @@ class Key(_message.Message):
     ACTIVE_VERSION_FIELD_NUMBER: _builtins.int
     VERSION_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    NEXT_ROTATION_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The key name."""
     active_version: _builtins.int
     """The active version; 0 while the key has no active version."""
     version_count: _builtins.int
     """How many versions the key has, destroyed ones included."""
+    rotation_period_seconds: _builtins.int
+    """The automatic rotation period in seconds; 0 when it is off."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the key's first version was registered."""
+
+    @_builtins.property
+    def next_rotation_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next automatic rotation is due; unset when it is off."""
 
     def __init__(
         self,
@@ -183,14 +260,68 @@ class Key(_message.Message):
         active_version: _builtins.int = ...,
         version_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        rotation_period_seconds: _builtins.int = ...,
+        next_rotation_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_rotation_time", b"next_rotation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "create_time", b"create_time", "name", b"name", "version_count", b"version_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_version", b"active_version", "create_time", b"create_time", "name", b"name", "next_rotation_time", b"next_rotation_time", "rotation_period_seconds", b"rotation_period_seconds", "version_count", b"version_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Key: _TypeAlias = Key  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    """Request for `UpdateKey`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    ROTATION_PERIOD_SECONDS_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    rotation_period_seconds: _builtins.int
+    """Optional. Rotate automatically this often: at least 3600 (any period when the
+    server runs in dev mode). 0 turns automatic rotation off.
+    """
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        rotation_period_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "rotation_period_seconds", b"rotation_period_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyResponse(_message.Message):
+    """Response for `UpdateKey`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """The key after the change."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyResponse: _TypeAlias = UpdateKeyResponse  # noqa: Y015
 
 @_typing.final
 class RegisterKeyVersionRequest(_message.Message):
@@ -767,22 +898,29 @@ class DestroyKeyVersionRequest(_message.Message):
     KEY_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """Required. The key name."""
     version: _builtins.int
     """Required. The version to destroy; it must not be the active one."""
     reason: _builtins.str
     """Optional. Why, for the audit log; at most 1024 characters."""
+    validate_only: _builtins.bool
+    """Optional. Change nothing: check the request and answer with the version as the
+    destruction would leave it (its `destroy_time` and `backup_count`), so a person can
+    be told what it would cost before confirming.
+    """
     def __init__(
         self,
         *,
         key_name: _builtins.str = ...,
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "validate_only", b"validate_only", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -811,6 +949,236 @@ class DestroyKeyVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DestroyKeyVersionResponse: _TypeAlias = DestroyKeyVersionResponse  # noqa: Y015
+
+@_typing.final
+class CancelKeyVersionDestructionRequest(_message.Message):
+    """Request for `CancelKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Required. The version whose destruction is scheduled."""
+    reason: _builtins.str
+    """Optional. Why, for the audit log; at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyVersionDestructionRequest: _TypeAlias = CancelKeyVersionDestructionRequest  # noqa: Y015
+
+@_typing.final
+class CancelKeyVersionDestructionResponse(_message.Message):
+    """Response for `CancelKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_version(self) -> Global___KeyVersion:
+        """The version after the change: DISABLED."""
+
+    def __init__(
+        self,
+        *,
+        key_version: Global___KeyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyVersionDestructionResponse: _TypeAlias = CancelKeyVersionDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ApproveKeyVersionDestructionRequest(_message.Message):
+    """Request for `ApproveKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Required. The version whose destruction awaits approval."""
+    reason: _builtins.str
+    """Optional. Why, for the audit log; at most 1024 characters."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyVersionDestructionRequest: _TypeAlias = ApproveKeyVersionDestructionRequest  # noqa: Y015
+
+@_typing.final
+class ApproveKeyVersionDestructionResponse(_message.Message):
+    """Response for `ApproveKeyVersionDestruction`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key_version(self) -> Global___KeyVersion:
+        """The version after the change: DESTROY_SCHEDULED."""
+
+    def __init__(
+        self,
+        *,
+        key_version: Global___KeyVersion | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveKeyVersionDestructionResponse: _TypeAlias = ApproveKeyVersionDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ListBackupsRequest(_message.Message):
+    """Request for `ListBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    version: _builtins.int
+    """Optional. Only the backups bound to this version; 0 lists all of the key's."""
+    page_size: _builtins.int
+    """Optional. At most this many backups (default 100, at most 1000)."""
+    page_token: _builtins.str
+    """Optional. The `next_page_token` of the previous page."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_name", b"key_name", "page_size", b"page_size", "page_token", b"page_token", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackupsRequest: _TypeAlias = ListBackupsRequest  # noqa: Y015
+
+@_typing.final
+class ListBackupsResponse(_message.Message):
+    """Response for `ListBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUPS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Pass as `page_token` for the next page; empty on the last page."""
+    @_builtins.property
+    def backups(self) -> _containers.RepeatedCompositeFieldContainer[Global___Backup]:
+        """The backups, by backup id."""
+
+    def __init__(
+        self,
+        *,
+        backups: _abc.Iterable[Global___Backup] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backups", b"backups", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBackupsResponse: _TypeAlias = ListBackupsResponse  # noqa: Y015
+
+@_typing.final
+class RewrapBackupsRequest(_message.Message):
+    """Request for `RewrapBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_NAME_FIELD_NUMBER: _builtins.int
+    FROM_VERSION_FIELD_NUMBER: _builtins.int
+    BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    key_name: _builtins.str
+    """Required. The key name."""
+    from_version: _builtins.int
+    """Required. The version to retire; not the active one, and not destroyed."""
+    batch_size: _builtins.int
+    """Optional. At most this many backups in this call (default 500, at most 5000)."""
+    def __init__(
+        self,
+        *,
+        key_name: _builtins.str = ...,
+        from_version: _builtins.int = ...,
+        batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "from_version", b"from_version", "key_name", b"key_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapBackupsRequest: _TypeAlias = RewrapBackupsRequest  # noqa: Y015
+
+@_typing.final
+class RewrapBackupsResponse(_message.Message):
+    """Response for `RewrapBackups`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    REWRAPPED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    to_version: _builtins.int
+    """The active version the backups were rewrapped under."""
+    rewrapped: _builtins.int
+    """How many backups this call rewrapped."""
+    remaining: _builtins.int
+    """How many backups are still bound to `from_version`; 0 when it is retired."""
+    def __init__(
+        self,
+        *,
+        to_version: _builtins.int = ...,
+        rewrapped: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remaining", b"remaining", "rewrapped", b"rewrapped", "to_version", b"to_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RewrapBackupsResponse: _TypeAlias = RewrapBackupsResponse  # noqa: Y015
 
 @_typing.final
 class AuditEvent(_message.Message):

@@ -70,6 +70,11 @@ class KeyManagementServiceStub:
                 request_serializer=kms_dot_v1_dot_kms__pb2.ListKeysRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.ListKeysResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/kms.v1.KeyManagementService/UpdateKey',
+                request_serializer=kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
         self.DisableKeyVersion = channel.unary_unary(
                 '/kms.v1.KeyManagementService/DisableKeyVersion',
                 request_serializer=kms_dot_v1_dot_kms__pb2.DisableKeyVersionRequest.SerializeToString,
@@ -84,6 +89,26 @@ class KeyManagementServiceStub:
                 '/kms.v1.KeyManagementService/DestroyKeyVersion',
                 request_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
                 response_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
+                _registered_method=True)
+        self.ApproveKeyVersionDestruction = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ApproveKeyVersionDestruction',
+                request_serializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.FromString,
+                _registered_method=True)
+        self.CancelKeyVersionDestruction = channel.unary_unary(
+                '/kms.v1.KeyManagementService/CancelKeyVersionDestruction',
+                request_serializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.FromString,
+                _registered_method=True)
+        self.ListBackups = channel.unary_unary(
+                '/kms.v1.KeyManagementService/ListBackups',
+                request_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
+                _registered_method=True)
+        self.RewrapBackups = channel.unary_unary(
+                '/kms.v1.KeyManagementService/RewrapBackups',
+                request_serializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.SerializeToString,
+                response_deserializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.FromString,
                 _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/kms.v1.KeyManagementService/ListAuditEvents',
@@ -167,6 +192,15 @@ class KeyManagementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+        register a new version and make it active (audited as `system:scheduler`).
+        Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DisableKeyVersion(self, request, context):
         """Disables a version that is not active: its backups cannot be resolved
         until it is enabled again. Role: admin.
@@ -183,9 +217,49 @@ class KeyManagementServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DestroyKeyVersion(self, request, context):
-        """Crypto-shreds a version that is not active: its wrapped material is
-        erased from the database, so the backups bound to it can never be
-        resolved again. Irreversible. Role: admin.
+        """Schedules the crypto-shredding of a version that is not active: it becomes
+        DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+        its wrapped material from the database when `destroy_time` (now plus the
+        server's --destroy-delay) comes, after which the backups bound to it can never
+        be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+        response's `backup_count` says how many backups the destruction will make
+        unrestorable. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveKeyVersionDestruction(self, request, context):
+        """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+        the waiting period starts now. The admin who asked cannot approve. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelKeyVersionDestruction(self, request, context):
+        """Cancels a destruction pending approval or scheduled and not yet due: the version
+        becomes DISABLED, its material intact. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBackups(self, request, context):
+        """Lists the backups bound to a key (or to one of its versions), by backup id:
+        what destroying that version would make unrestorable. Role: admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RewrapBackups(self, request, context):
+        """Retires a version without losing its backups: rewraps the data keys of one batch
+        of the backups bound to `from_version` under the key's active version, inside the
+        server, in one transaction with its audit event. Call again until `remaining` is
+        0; then destroying `from_version` loses no backup. Safe to repeat and to run
+        beside backups and restores; the archives' bytes are never touched (they restore
+        through their binding). Role: admin.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -262,6 +336,11 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     request_deserializer=kms_dot_v1_dot_kms__pb2.ListKeysRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.ListKeysResponse.SerializeToString,
             ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.SerializeToString,
+            ),
             'DisableKeyVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.DisableKeyVersion,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.DisableKeyVersionRequest.FromString,
@@ -276,6 +355,26 @@ def add_KeyManagementServiceServicer_to_server(servicer, server):
                     servicer.DestroyKeyVersion,
                     request_deserializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.FromString,
                     response_serializer=kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.SerializeToString,
+            ),
+            'ApproveKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveKeyVersionDestruction,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.SerializeToString,
+            ),
+            'CancelKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelKeyVersionDestruction,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.SerializeToString,
+            ),
+            'ListBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBackups,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.ListBackupsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.ListBackupsResponse.SerializeToString,
+            ),
+            'RewrapBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.RewrapBackups,
+                    request_deserializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.FromString,
+                    response_serializer=kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -499,6 +598,33 @@ class KeyManagementService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/UpdateKey',
+            kms_dot_v1_dot_kms__pb2.UpdateKeyRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DisableKeyVersion(request,
             target,
             options=(),
@@ -569,6 +695,114 @@ class KeyManagementService:
             '/kms.v1.KeyManagementService/DestroyKeyVersion',
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionRequest.SerializeToString,
             kms_dot_v1_dot_kms__pb2.DestroyKeyVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveKeyVersionDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ApproveKeyVersionDestruction',
+            kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.ApproveKeyVersionDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelKeyVersionDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/CancelKeyVersionDestruction',
+            kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.CancelKeyVersionDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/ListBackups',
+            kms_dot_v1_dot_kms__pb2.ListBackupsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.ListBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RewrapBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kms.v1.KeyManagementService/RewrapBackups',
+            kms_dot_v1_dot_kms__pb2.RewrapBackupsRequest.SerializeToString,
+            kms_dot_v1_dot_kms__pb2.RewrapBackupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

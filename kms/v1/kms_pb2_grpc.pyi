@@ -68,6 +68,11 @@ class KeyManagementServiceStub:
     """Lists the versions of one key, oldest first. Role: admin."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListKeysRequest, _kms_pb2.ListKeysResponse]
     """Lists the keys and their active versions. Role: admin."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_kms_pb2.UpdateKeyRequest, _kms_pb2.UpdateKeyResponse]
+    """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+    register a new version and make it active (audited as `system:scheduler`).
+    Role: admin.
+    """
     DisableKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.DisableKeyVersionRequest, _kms_pb2.DisableKeyVersionResponse]
     """Disables a version that is not active: its backups cannot be resolved
     until it is enabled again. Role: admin.
@@ -75,9 +80,33 @@ class KeyManagementServiceStub:
     EnableKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.EnableKeyVersionRequest, _kms_pb2.EnableKeyVersionResponse]
     """Enables a disabled version again. Role: admin."""
     DestroyKeyVersion: _grpc.UnaryUnaryMultiCallable[_kms_pb2.DestroyKeyVersionRequest, _kms_pb2.DestroyKeyVersionResponse]
-    """Crypto-shreds a version that is not active: its wrapped material is
-    erased from the database, so the backups bound to it can never be
-    resolved again. Irreversible. Role: admin.
+    """Schedules the crypto-shredding of a version that is not active: it becomes
+    DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+    its wrapped material from the database when `destroy_time` (now plus the
+    server's --destroy-delay) comes, after which the backups bound to it can never
+    be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+    response's `backup_count` says how many backups the destruction will make
+    unrestorable. Role: admin.
+    """
+    ApproveKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ApproveKeyVersionDestructionRequest, _kms_pb2.ApproveKeyVersionDestructionResponse]
+    """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+    the waiting period starts now. The admin who asked cannot approve. Role: admin.
+    """
+    CancelKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]
+    """Cancels a destruction pending approval or scheduled and not yet due: the version
+    becomes DISABLED, its material intact. Role: admin.
+    """
+    ListBackups: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]
+    """Lists the backups bound to a key (or to one of its versions), by backup id:
+    what destroying that version would make unrestorable. Role: admin.
+    """
+    RewrapBackups: _grpc.UnaryUnaryMultiCallable[_kms_pb2.RewrapBackupsRequest, _kms_pb2.RewrapBackupsResponse]
+    """Retires a version without losing its backups: rewraps the data keys of one batch
+    of the backups bound to `from_version` under the key's active version, inside the
+    server, in one transaction with its audit event. Call again until `remaining` is
+    0; then destroying `from_version` loses no backup. Safe to repeat and to run
+    beside backups and restores; the archives' bytes are never touched (they restore
+    through their binding). Role: admin.
     """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]
     """Lists audit events in sequence order. Role: auditor."""
@@ -126,6 +155,11 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     """Lists the versions of one key, oldest first. Role: admin."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListKeysRequest, _kms_pb2.ListKeysResponse]  # type: ignore[assignment]
     """Lists the keys and their active versions. Role: admin."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_kms_pb2.UpdateKeyRequest, _kms_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+    register a new version and make it active (audited as `system:scheduler`).
+    Role: admin.
+    """
     DisableKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.DisableKeyVersionRequest, _kms_pb2.DisableKeyVersionResponse]  # type: ignore[assignment]
     """Disables a version that is not active: its backups cannot be resolved
     until it is enabled again. Role: admin.
@@ -133,9 +167,33 @@ class KeyManagementServiceAsyncStub(KeyManagementServiceStub):
     EnableKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.EnableKeyVersionRequest, _kms_pb2.EnableKeyVersionResponse]  # type: ignore[assignment]
     """Enables a disabled version again. Role: admin."""
     DestroyKeyVersion: _aio.UnaryUnaryMultiCallable[_kms_pb2.DestroyKeyVersionRequest, _kms_pb2.DestroyKeyVersionResponse]  # type: ignore[assignment]
-    """Crypto-shreds a version that is not active: its wrapped material is
-    erased from the database, so the backups bound to it can never be
-    resolved again. Irreversible. Role: admin.
+    """Schedules the crypto-shredding of a version that is not active: it becomes
+    DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+    its wrapped material from the database when `destroy_time` (now plus the
+    server's --destroy-delay) comes, after which the backups bound to it can never
+    be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+    response's `backup_count` says how many backups the destruction will make
+    unrestorable. Role: admin.
+    """
+    ApproveKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_kms_pb2.ApproveKeyVersionDestructionRequest, _kms_pb2.ApproveKeyVersionDestructionResponse]  # type: ignore[assignment]
+    """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+    the waiting period starts now. The admin who asked cannot approve. Role: admin.
+    """
+    CancelKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_kms_pb2.CancelKeyVersionDestructionRequest, _kms_pb2.CancelKeyVersionDestructionResponse]  # type: ignore[assignment]
+    """Cancels a destruction pending approval or scheduled and not yet due: the version
+    becomes DISABLED, its material intact. Role: admin.
+    """
+    ListBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListBackupsRequest, _kms_pb2.ListBackupsResponse]  # type: ignore[assignment]
+    """Lists the backups bound to a key (or to one of its versions), by backup id:
+    what destroying that version would make unrestorable. Role: admin.
+    """
+    RewrapBackups: _aio.UnaryUnaryMultiCallable[_kms_pb2.RewrapBackupsRequest, _kms_pb2.RewrapBackupsResponse]  # type: ignore[assignment]
+    """Retires a version without losing its backups: rewraps the data keys of one batch
+    of the backups bound to `from_version` under the key's active version, inside the
+    server, in one transaction with its audit event. Call again until `remaining` is
+    0; then destroying `from_version` loses no backup. Safe to repeat and to run
+    beside backups and restores; the archives' bytes are never touched (they restore
+    through their binding). Role: admin.
     """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_kms_pb2.ListAuditEventsRequest, _kms_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Lists audit events in sequence order. Role: auditor."""
@@ -225,6 +283,17 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists the keys and their active versions. Role: admin."""
 
     @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _kms_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.UpdateKeyResponse, _abc.Awaitable[_kms_pb2.UpdateKeyResponse]]:
+        """Sets a key's automatic rotation: every `rotation_period_seconds` the servers
+        register a new version and make it active (audited as `system:scheduler`).
+        Role: admin.
+        """
+
+    @_abc_1.abstractmethod
     def DisableKeyVersion(
         self,
         request: _kms_pb2.DisableKeyVersionRequest,
@@ -248,9 +317,57 @@ class KeyManagementServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _kms_pb2.DestroyKeyVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_kms_pb2.DestroyKeyVersionResponse, _abc.Awaitable[_kms_pb2.DestroyKeyVersionResponse]]:
-        """Crypto-shreds a version that is not active: its wrapped material is
-        erased from the database, so the backups bound to it can never be
-        resolved again. Irreversible. Role: admin.
+        """Schedules the crypto-shredding of a version that is not active: it becomes
+        DESTROY_SCHEDULED at once (its backups stop resolving) and the servers erase
+        its wrapped material from the database when `destroy_time` (now plus the
+        server's --destroy-delay) comes, after which the backups bound to it can never
+        be resolved again. Until then `CancelKeyVersionDestruction` undoes it. The
+        response's `backup_count` says how many backups the destruction will make
+        unrestorable. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveKeyVersionDestruction(
+        self,
+        request: _kms_pb2.ApproveKeyVersionDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.ApproveKeyVersionDestructionResponse, _abc.Awaitable[_kms_pb2.ApproveKeyVersionDestructionResponse]]:
+        """Approves a destruction waiting in PENDING_APPROVAL (policy `destroy_approvals = 2`):
+        the waiting period starts now. The admin who asked cannot approve. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelKeyVersionDestruction(
+        self,
+        request: _kms_pb2.CancelKeyVersionDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.CancelKeyVersionDestructionResponse, _abc.Awaitable[_kms_pb2.CancelKeyVersionDestructionResponse]]:
+        """Cancels a destruction pending approval or scheduled and not yet due: the version
+        becomes DISABLED, its material intact. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBackups(
+        self,
+        request: _kms_pb2.ListBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.ListBackupsResponse, _abc.Awaitable[_kms_pb2.ListBackupsResponse]]:
+        """Lists the backups bound to a key (or to one of its versions), by backup id:
+        what destroying that version would make unrestorable. Role: admin.
+        """
+
+    @_abc_1.abstractmethod
+    def RewrapBackups(
+        self,
+        request: _kms_pb2.RewrapBackupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_kms_pb2.RewrapBackupsResponse, _abc.Awaitable[_kms_pb2.RewrapBackupsResponse]]:
+        """Retires a version without losing its backups: rewraps the data keys of one batch
+        of the backups bound to `from_version` under the key's active version, inside the
+        server, in one transaction with its audit event. Call again until `remaining` is
+        0; then destroying `from_version` loses no backup. Safe to repeat and to run
+        beside backups and restores; the archives' bytes are never touched (they restore
+        through their binding). Role: admin.
         """
 
     @_abc_1.abstractmethod

@@ -16,6 +16,7 @@ from server.api.errors import abort, aborted
 from server.domain.errors import KmsError, Unauthenticated
 from server.domain.model import (
     AuditEvent,
+    KeyInfo,
     KeyVersionInfo,
     Outcome,
     Principal,
@@ -23,6 +24,9 @@ from server.domain.model import (
     VersionState,
 )
 from server.service import BackupKeyReference, KeyManagementService
+from server.usecases.backups import list_backups
+from server.usecases.retire import rewrap_backups
+from server.usecases.rotation_schedule import update_key
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,8 @@ _STATE = {
     VersionState.ENABLED: kms_pb2.KEY_VERSION_STATE_ENABLED,
     VersionState.DISABLED: kms_pb2.KEY_VERSION_STATE_DISABLED,
     VersionState.DESTROYED: kms_pb2.KEY_VERSION_STATE_DESTROYED,
+    VersionState.DESTROY_SCHEDULED: kms_pb2.KEY_VERSION_STATE_DESTROY_SCHEDULED,
+    VersionState.PENDING_APPROVAL: kms_pb2.KEY_VERSION_STATE_PENDING_APPROVAL,
 }
 _ORIGIN = {
     VersionOrigin.GENERATED: kms_pb2.KEY_VERSION_ORIGIN_GENERATED,
@@ -153,15 +159,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             lambda caller: self._service.list_keys(caller, request.page_size, request.page_token),
         )
         return kms_pb2.ListKeysResponse(
-            keys=[
-                kms_pb2.Key(
-                    name=key.name,
-                    active_version=key.active_version or 0,
-                    version_count=key.version_count,
-                    create_time=_timestamp(key.created_us),
-                )
-                for key in keys
-            ],
+            keys=[_key(key) for key in keys],
             next_page_token=next_token,
         )
 
@@ -193,10 +191,93 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         info = _call(
             context,
             lambda caller: self._service.destroy_key_version(
-                caller, request.key_name, request.version, request.reason
+                caller,
+                request.key_name,
+                request.version,
+                request.reason,
+                validate_only=request.validate_only,
             ),
         )
         return kms_pb2.DestroyKeyVersionResponse(key_version=_key_version(info))
+
+    def CancelKeyVersionDestruction(
+        self, request: kms_pb2.CancelKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.CancelKeyVersionDestructionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.lifecycle.cancel_destruction(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.CancelKeyVersionDestructionResponse(key_version=_key_version(info))
+
+    def UpdateKey(
+        self, request: kms_pb2.UpdateKeyRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.UpdateKeyResponse:
+        info = _call(
+            context,
+            lambda caller: update_key(
+                self._service,
+                caller,
+                request.key_name,
+                request.rotation_period_seconds,
+                self._service.lifecycle.min_rotation_seconds,
+            ),
+        )
+        return kms_pb2.UpdateKeyResponse(key=_key(info))
+
+    def RewrapBackups(
+        self, request: kms_pb2.RewrapBackupsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.RewrapBackupsResponse:
+        progress = _call(
+            context,
+            lambda caller: rewrap_backups(
+                self._service, caller, request.key_name, request.from_version, request.batch_size
+            ),
+        )
+        return kms_pb2.RewrapBackupsResponse(
+            to_version=progress.to_version,
+            rewrapped=progress.rewrapped,
+            remaining=progress.remaining,
+        )
+
+    def ApproveKeyVersionDestruction(
+        self, request: kms_pb2.ApproveKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ApproveKeyVersionDestructionResponse:
+        info = _call(
+            context,
+            lambda caller: self._service.lifecycle.approve_destruction(
+                caller, request.key_name, request.version, request.reason
+            ),
+        )
+        return kms_pb2.ApproveKeyVersionDestructionResponse(key_version=_key_version(info))
+
+    def ListBackups(
+        self, request: kms_pb2.ListBackupsRequest, context: grpc.ServicerContext
+    ) -> kms_pb2.ListBackupsResponse:
+        backups, next_token = _call(
+            context,
+            lambda caller: list_backups(
+                self._service,
+                caller,
+                request.key_name,
+                request.version,
+                request.page_size,
+                request.page_token,
+            ),
+        )
+        return kms_pb2.ListBackupsResponse(
+            backups=[
+                kms_pb2.Backup(
+                    backup_id=b.backup_id,
+                    key_name=b.key_name,
+                    version=b.version,
+                    create_time=_timestamp(b.created_us),
+                )
+                for b in backups
+            ],
+            next_page_token=next_token,
+        )
 
     def ListAuditEvents(
         self, request: kms_pb2.ListAuditEventsRequest, context: grpc.ServicerContext
@@ -288,6 +369,19 @@ def _timestamp(us: int) -> Timestamp:
     return stamp
 
 
+def _key(info: KeyInfo) -> kms_pb2.Key:
+    message = kms_pb2.Key(
+        name=info.name,
+        active_version=info.active_version or 0,
+        version_count=info.version_count,
+        create_time=_timestamp(info.created_us),
+        rotation_period_seconds=(info.rotation_period_us or 0) // 1_000_000,
+    )
+    if info.next_rotation_us is not None:
+        message.next_rotation_time.CopyFrom(_timestamp(info.next_rotation_us))
+    return message
+
+
 def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
     message = kms_pb2.KeyVersion(
         key_name=info.key_name,
@@ -299,6 +393,11 @@ def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
     )
     if info.destroyed_us is not None:
         message.destroy_time.CopyFrom(_timestamp(info.destroyed_us))
+    elif info.destroy_due_us is not None:
+        message.destroy_time.CopyFrom(_timestamp(info.destroy_due_us))
+    message.destroy_requested_by = info.destroy_requested_by or ""
+    message.destroy_approved_by = info.destroy_approved_by or ""
+    message.backup_count = info.backup_count or 0
     return message
 
 

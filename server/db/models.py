@@ -43,6 +43,9 @@ class KeyRow(Base):
     active_version: Mapped[int | None] = mapped_column(Integer)
     last_version: Mapped[int] = mapped_column(Integer)
     created_us: Mapped[int] = mapped_column(BigInteger)
+    # Automatic rotation: its period and when it is next due (both NULL: off).
+    rotation_period_us: Mapped[int | None] = mapped_column(BigInteger)
+    next_rotation_us: Mapped[int | None] = mapped_column(BigInteger, index=True)
     # The audit event that last changed the row, and the row's MAC under the state key
     # (server.domain.integrity): NULL only in a database the keyed server has not opened yet.
     state_sequence: Mapped[int | None] = mapped_column(BigInteger)
@@ -59,27 +62,42 @@ class KeyRow(Base):
     )
 
 
+STATE_CHECK = (
+    "state IN ('enabled', 'disabled', 'pending_approval', 'destroy_scheduled', 'destroyed')"
+)
+
+
 class KeyVersionRow(Base):
     __tablename__ = "key_versions"
 
     key_name: Mapped[str] = mapped_column(ForeignKey("keys.name"), primary_key=True)
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(32))
     origin: Mapped[str] = mapped_column(String(16))
     # Erased (NULL) exactly when the version is destroyed: crypto-shredding.
     wrapped_material: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_us: Mapped[int] = mapped_column(BigInteger)
     destroyed_us: Mapped[int | None] = mapped_column(BigInteger)
+    # Set while a destruction is scheduled (and kept once carried out): when it falls due,
+    # and the admin who asked for it. Both under the row's MAC.
+    destroy_due_us: Mapped[int | None] = mapped_column(BigInteger)
+    destroy_requested_by: Mapped[str | None] = mapped_column(String(256))
+    destroy_approved_by: Mapped[str | None] = mapped_column(String(256))  # the second admin
     state_sequence: Mapped[int | None] = mapped_column(BigInteger)  # as on KeyRow
     mac: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
-        CheckConstraint("state IN ('enabled', 'disabled', 'destroyed')", "state"),
+        CheckConstraint(STATE_CHECK, "state"),
+        CheckConstraint(
+            "state <> 'destroy_scheduled' OR destroy_due_us IS NOT NULL", "scheduled_has_due"
+        ),
         CheckConstraint("origin IN ('generated', 'imported')", "origin"),
         CheckConstraint(
             "(state = 'destroyed') = (wrapped_material IS NULL)", "destroyed_means_erased"
         ),
         CheckConstraint("version >= 1", "version_positive"),
+        # The scheduler's search for due destructions.
+        Index(None, "destroy_due_us"),
     )
 
 

@@ -185,6 +185,40 @@ class Repository(MetaStore):
         )
         return keys, versions
 
+    def due_destructions(self, now_us: int, limit: int) -> list[tuple[str, int]]:
+        """Scheduled destructions due by `now_us`, unchecked (each is re-read under lock)."""
+        query = (
+            select(KeyVersionRow.key_name, KeyVersionRow.version)
+            .where(
+                KeyVersionRow.destroy_due_us <= now_us,
+                KeyVersionRow.state == "destroy_scheduled",
+            )
+            .order_by(KeyVersionRow.destroy_due_us)
+            .limit(limit)
+        )
+        return [(row[0], row[1]) for row in self._session.execute(query)]
+
+    def due_rotations(self, now_us: int, limit: int) -> list[str]:
+        """Keys whose automatic rotation is due by `now_us`, unchecked (re-read under lock)."""
+        query = (
+            select(KeyRow.name)
+            .where(KeyRow.next_rotation_us <= now_us)
+            .order_by(KeyRow.next_rotation_us)
+            .limit(limit)
+        )
+        return list(self._session.scalars(query))
+
+    def next_due(self) -> int | None:
+        """The earliest scheduled destruction or automatic rotation, if any (both on indexes)."""
+        destruction = self._session.scalar(
+            select(func.min(KeyVersionRow.destroy_due_us)).where(
+                KeyVersionRow.state == "destroy_scheduled"
+            )
+        )
+        rotation = self._session.scalar(select(func.min(KeyRow.next_rotation_us)))
+        due = [time for time in (destruction, rotation) if time is not None]
+        return min(due) if due else None
+
     def flush(self) -> None:
         self._session.flush()
 
@@ -193,11 +227,52 @@ class Repository(MetaStore):
     def get_binding(self, backup_id: str) -> BackupBindingRow | None:
         return self._session.get(BackupBindingRow, backup_id)
 
+    def reseal_binding(self, row: BackupBindingRow) -> None:
+        """A binding the server changed (retired to another version) under its new MAC."""
+        row.mac = self._integrity.state.binding_mac(sealed_binding(row))
+
     def add_binding(self, row: BackupBindingRow) -> None:
         """Adds a binding under its MAC (see `sealed_binding`)."""
         row.mac = self._integrity.state.binding_mac(sealed_binding(row))
         self._session.add(row)
         self._session.flush()
+
+    def backup_counts(self, key_name: str) -> dict[int, int]:
+        """How many backups are bound to each version of the key (on the (key, version) index)."""
+        query = (
+            select(BackupBindingRow.version, func.count())
+            .where(BackupBindingRow.key_name == key_name)
+            .group_by(BackupBindingRow.version)
+        )
+        return {int(row[0]): int(row[1]) for row in self._session.execute(query)}
+
+    def backup_count(self, key_name: str, version: int) -> int:
+        query = select(func.count()).where(
+            BackupBindingRow.key_name == key_name, BackupBindingRow.version == version
+        )
+        return int(self._session.scalar(query) or 0)
+
+    def bindings_to_rewrap(self, key_name: str, version: int, limit: int) -> list[BackupBindingRow]:
+        """Up to `limit` bindings of the version, locked (PostgreSQL) for the rewrap."""
+        query = (
+            select(BackupBindingRow)
+            .where(BackupBindingRow.key_name == key_name, BackupBindingRow.version == version)
+            .order_by(BackupBindingRow.backup_id)
+            .limit(limit)
+            .with_for_update()
+        )
+        return list(self._session.scalars(query))
+
+    def list_bindings(
+        self, key_name: str, version: int, after_backup_id: str, limit: int
+    ) -> list[BackupBindingRow]:
+        """Bindings of the key (of one version unless `version` is 0), by backup id."""
+        query = select(BackupBindingRow).where(
+            BackupBindingRow.key_name == key_name, BackupBindingRow.backup_id > after_backup_id
+        )
+        if version:
+            query = query.where(BackupBindingRow.version == version)
+        return list(self._session.scalars(query.order_by(BackupBindingRow.backup_id).limit(limit)))
 
     # Audit log
 
@@ -386,7 +461,7 @@ class _DriverSql:
     def active_versions(self, count: int) -> str:
         return (
             "SELECT k.name, k.active_version, k.last_version, k.created_us, k.state_sequence,"
-            f" k.mac, {_VERSION_FACTS}"
+            f" k.mac, k.rotation_period_us, k.next_rotation_us, {_VERSION_FACTS}"
             " FROM keys k LEFT JOIN key_versions v"
             " ON v.key_name = k.name AND v.version = k.active_version"
             f" WHERE k.name IN ({self._marks(count)})"
@@ -395,7 +470,8 @@ class _DriverSql:
 
 # A version's columns that its MAC covers, as the hot path reads them (see VersionFacts).
 _VERSION_FACTS = (
-    "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac"
+    "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac,"
+    " v.destroy_due_us, v.destroy_requested_by, v.destroy_approved_by"
 )
 
 
@@ -412,6 +488,9 @@ class VersionFacts(NamedTuple):
     destroyed_us: int | None
     state_sequence: int | None
     mac: str | None
+    destroy_due_us: int | None
+    destroy_requested_by: str | None
+    destroy_approved_by: str | None
 
     def sealed(self, key_name: str, version: int) -> SealedVersion:
         return SealedVersion(
@@ -423,6 +502,9 @@ class VersionFacts(NamedTuple):
             self.created_us,
             self.destroyed_us,
             self.state_sequence,
+            self.destroy_due_us,
+            self.destroy_requested_by,
+            self.destroy_approved_by,
         )
 
 
@@ -464,22 +546,30 @@ class ActiveVersionFacts(NamedTuple):
     created_us: int
     state_sequence: int | None
     mac: str | None
+    rotation_period_us: int | None
+    next_rotation_us: int | None
     facts: VersionFacts | None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> ActiveVersionFacts:
-        facts = VersionFacts(*row[6:]) if row[6] is not None else None
-        return cls(row[0], row[1], row[2], row[3], row[4], row[5], facts)
+        facts = VersionFacts(*row[8:]) if row[8] is not None else None
+        return cls(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], facts)
 
     def sealed(self) -> SealedKey:
         return SealedKey(
-            self.name, self.active_version, self.last_version, self.created_us, self.state_sequence
+            self.name,
+            self.active_version,
+            self.last_version,
+            self.created_us,
+            self.state_sequence,
+            self.rotation_period_us,
+            self.next_rotation_us,
         )
 
 
 def sealed_key(row: KeyRow) -> SealedKey:
     return SealedKey(row.name, row.active_version, row.last_version, row.created_us,
-                     row.state_sequence)  # fmt: skip
+                     row.state_sequence, row.rotation_period_us, row.next_rotation_us)  # fmt: skip
 
 
 def sealed_binding(row: BackupBindingRow) -> SealedBinding:
@@ -503,6 +593,9 @@ def sealed_version(row: KeyVersionRow) -> SealedVersion:
         row.created_us,
         row.destroyed_us,
         row.state_sequence,
+        row.destroy_due_us,
+        row.destroy_requested_by,
+        row.destroy_approved_by,
     )
 
 

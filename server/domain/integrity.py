@@ -76,6 +76,9 @@ class SealedKey:
     last_version: int
     created_us: int
     state_sequence: int | None
+    # Automatic rotation (server.usecases.rotation_schedule).
+    rotation_period_us: int | None = None
+    next_rotation_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,10 @@ class SealedVersion:
     created_us: int
     destroyed_us: int | None
     state_sequence: int | None
+    # A scheduled destruction's due time and requester: what the scheduler acts on.
+    destroy_due_us: int | None = None
+    destroy_requested_by: str | None = None
+    destroy_approved_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,11 +138,20 @@ class StateSeal:
         return "StateSeal(<hidden>)"
 
     def key_mac(self, row: SealedKey) -> str:
-        parts = (row.name, row.active_version, row.last_version, row.created_us, row.state_sequence)
+        parts: tuple[str | int | None, ...] = (
+            row.name,
+            row.active_version,
+            row.last_version,
+            row.created_us,
+            row.state_sequence,
+        )
+        if row.rotation_period_us is not None or row.next_rotation_us is not None:
+            # Appended only when set, as for versions: older rows keep their MACs.
+            parts = (*parts, row.rotation_period_us, row.next_rotation_us)
         return self._mac("state/key", parts)
 
     def version_mac(self, row: SealedVersion) -> str:
-        parts = (
+        parts: tuple[str | int | None, ...] = (
             row.key_name,
             row.version,
             row.state,
@@ -145,6 +161,11 @@ class StateSeal:
             row.destroyed_us,
             row.state_sequence,
         )
+        schedule = (row.destroy_due_us, row.destroy_requested_by, row.destroy_approved_by)
+        if any(part is not None for part in schedule):
+            # Appended only when set, so rows sealed before scheduling existed keep their
+            # MACs; the length-prefixed encoding keeps the two forms apart.
+            parts = (*parts, *schedule)
         return self._mac("state/version", parts)
 
     def binding_mac(self, row: SealedBinding) -> str:

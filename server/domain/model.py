@@ -41,7 +41,15 @@ class Action(enum.StrEnum):
     LIST_KEYS = "key.list"
     DISABLE_VERSION = "key_version.disable"
     ENABLE_VERSION = "key_version.enable"
+    # Carried out (by the scheduler once due; immediately before scheduling existed).
     DESTROY_VERSION = "key_version.destroy"
+    SCHEDULE_DESTROY = "key_version.schedule_destroy"
+    PREVIEW_DESTROY = "key_version.preview_destroy"  # validate_only: changes nothing
+    CANCEL_DESTROY = "key_version.cancel_destroy"
+    APPROVE_DESTROY = "key_version.approve_destroy"
+    LIST_BACKUPS = "backup.list"
+    REWRAP_BACKUPS = "backup.rewrap"
+    UPDATE_KEY = "key.update"
     LIST_AUDIT = "audit.list"
     VERIFY_AUDIT = "audit.verify"
     CHECKPOINT_AUDIT = "audit.checkpoint"
@@ -55,6 +63,10 @@ class Action(enum.StrEnum):
 class VersionState(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
+    # Unusable, with its material kept until `destroy_due_us`; cancellable until then.
+    DESTROY_SCHEDULED = "destroy_scheduled"
+    # Unusable, a destroy asked for and waiting for a second admin (policy destroy_approvals).
+    PENDING_APPROVAL = "pending_approval"
     DESTROYED = "destroyed"
 
 
@@ -69,6 +81,8 @@ class Outcome(enum.StrEnum):
 
 
 ANONYMOUS = "anonymous"
+# The actor of what the servers do on their own (due destructions).
+SCHEDULER = "system:scheduler"
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,19 @@ class KeyVersionInfo:
     origin: VersionOrigin
     created_us: int
     destroyed_us: int | None
+    # When a scheduled destruction falls due, and the admin who asked for it.
+    destroy_due_us: int | None = None
+    destroy_requested_by: str | None = None
+    destroy_approved_by: str | None = None
+    backup_count: int | None = None  # filled in where it was counted
+
+
+@dataclass(frozen=True)
+class BackupInfo:
+    backup_id: str
+    key_name: str
+    version: int
+    created_us: int
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,8 @@ class KeyInfo:
     active_version: int | None
     version_count: int
     created_us: int
+    rotation_period_us: int | None = None
+    next_rotation_us: int | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ each row's content and `state_sequence` with the last event that changed it catc
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -18,8 +19,23 @@ from server.domain.model import Action, AuditEvent, Outcome, VersionState
 _VERSION_STATES: dict[str, VersionState] = {
     Action.DISABLE_VERSION: VersionState.DISABLED,
     Action.ENABLE_VERSION: VersionState.ENABLED,
-    Action.DESTROY_VERSION: VersionState.DESTROYED,
 }
+# How a scheduling event names the due time it set (see server.usecases.lifecycle).
+DUE_PATTERN = re.compile(r"destroy_due_us=(\d+)")
+
+
+# A destruction's due time, requester and approver, as a version row holds them.
+Schedule = tuple[int | None, str | None, str | None]
+_NO_SCHEDULE: Schedule = (None, None, None)
+
+
+def version_value(state: str, schedule: Schedule) -> str:
+    """What the replay compares of a version row: its state, and a destruction's schedule."""
+    if schedule == _NO_SCHEDULE:
+        return state
+    due_us, requested_by, approved_by = schedule
+    approval = f", approved by {approved_by}" if approved_by is not None else ""
+    return f"{state} (destruction due {due_us}, asked by {requested_by}{approval})"
 
 
 @dataclass
@@ -42,6 +58,9 @@ class StateReplay:
     def __init__(self) -> None:
         self.keys: dict[str, _Expected] = {}
         self.versions: dict[tuple[str, int], _Expected] = {}
+        self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._active: dict[str, int | None] = {}
+        self._rotations: dict[str, Rotation] = {}
         self.keyed_from = 0  # the event that sealed every row, when the state key was made
 
     def watch(self, events: Iterable[AuditEvent]) -> Iterator[AuditEvent]:
@@ -56,17 +75,53 @@ class StateReplay:
         if event.action == Action.START_KEYED_AUDIT:
             self.keyed_from = sequence
         elif event.action == Action.REGISTER_VERSION:
-            active = self.keys.get(name)
             activated = event.to_version == event.version
-            current = active.value if active else None
-            self.keys[name] = _Expected(event.version if activated else current, sequence)
+            current = self._active.get(name)
+            # An automatic rotation names the key's next one.
+            rotation = self._rotations.get(name, _NO_ROTATION)
+            next_rotation = _field(event, "next_rotation_us")
+            if next_rotation is not None:
+                rotation = (rotation[0], next_rotation)
+            self._key(event, event.version if activated else current, rotation)
             self.versions[(name, event.version)] = _Expected(VersionState.ENABLED, sequence)
         elif event.action == Action.ROTATE:
-            self.keys[name] = _Expected(event.to_version, sequence)
+            self._key(event, event.to_version)
+        elif event.action == Action.UPDATE_KEY:
+            rotation = (_field(event, "rotation_period_us"), _field(event, "next_rotation_us"))
+            self._key(event, self._active.get(name), rotation)
         elif event.action in _VERSION_STATES:
-            self.versions[(name, event.version)] = _Expected(
-                _VERSION_STATES[event.action], sequence
-            )
+            self._version(event, _VERSION_STATES[event.action])
+        elif event.action == Action.SCHEDULE_DESTROY:
+            due = _due(event)
+            # Without a due time the request waits for a second admin's approval.
+            state = VersionState.DESTROY_SCHEDULED if due else VersionState.PENDING_APPROVAL
+            self._version(event, state, (due, event.actor, None))
+        elif event.action == Action.APPROVE_DESTROY:
+            requested_by = self._schedules.get((name, event.version), _NO_SCHEDULE)[1]
+            schedule = (_due(event), requested_by, event.actor)
+            self._version(event, VersionState.DESTROY_SCHEDULED, schedule)
+        elif event.action == Action.CANCEL_DESTROY:
+            self._version(event, VersionState.DISABLED, _NO_SCHEDULE)
+        elif event.action == Action.DESTROY_VERSION:
+            # Carrying out a schedule keeps its due time, requester and approver on the row.
+            self._version(event, VersionState.DESTROYED)
+
+    def _key(self, event: AuditEvent, active: int | None, rotation: Rotation | None = None) -> None:
+        name = event.key_name
+        if rotation is not None:
+            self._rotations[name] = rotation
+        self._active[name] = active
+        kept = self._rotations.get(name, _NO_ROTATION)
+        self.keys[name] = _Expected(key_value(active, kept), event.sequence)
+
+    def _version(
+        self, event: AuditEvent, state: VersionState, schedule: Schedule | None = None
+    ) -> None:
+        identity = (event.key_name, event.version)
+        if schedule is not None:
+            self._schedules[identity] = schedule
+        kept = self._schedules.get(identity, _NO_SCHEDULE)
+        self.versions[identity] = _Expected(version_value(state, kept), event.sequence)
 
     def problems(
         self, keys: Sequence[StoredRow], versions: Sequence[StoredRow], seal: StateSeal
@@ -80,7 +135,9 @@ class StateReplay:
             yield from self._row_problems(
                 f"key {sealed.name}",
                 "active version",
-                sealed.active_version,
+                key_value(
+                    sealed.active_version, (sealed.rotation_period_us, sealed.next_rotation_us)
+                ),
                 sealed.state_sequence,
                 self.keys.get(sealed.name),
                 _mac_problem(row, seal),
@@ -94,7 +151,14 @@ class StateReplay:
             yield from self._row_problems(
                 f"{identity[0]} version {identity[1]}",
                 "state",
-                sealed_version.state,
+                version_value(
+                    sealed_version.state,
+                    (
+                        sealed_version.destroy_due_us,
+                        sealed_version.destroy_requested_by,
+                        sealed_version.destroy_approved_by,
+                    ),
+                ),
                 sealed_version.state_sequence,
                 self.versions.get(identity),
                 _mac_problem(row, seal),
@@ -141,3 +205,25 @@ def _mac_problem(row: StoredRow, seal: StateSeal) -> str:
     except IntegrityFailure:
         return "its row fails its MAC (it was changed outside the server)"
     return ""
+
+
+def _due(event: AuditEvent) -> int | None:
+    return _field(event, "destroy_due_us")
+
+
+def _field(event: AuditEvent, name: str) -> int | None:
+    """A number the event's detail states as `name=N` (see server.usecases)."""
+    found = re.search(rf"\b{name}=(\d+)", event.detail)
+    return int(found.group(1)) if found else None
+
+
+# A key's automatic rotation: its period and the next time, as a key row holds them.
+Rotation = tuple[int | None, int | None]
+_NO_ROTATION: Rotation = (None, None)
+
+
+def key_value(active: int | None, rotation: Rotation) -> int | str | None:
+    """What the replay compares of a key row: its active version, and its rotation schedule."""
+    if rotation == _NO_ROTATION:
+        return active
+    return f"{active} (rotation every {rotation[0]} us, next at {rotation[1]})"

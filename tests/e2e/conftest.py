@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -54,12 +55,21 @@ class DevServer:
 
 @pytest.fixture
 def dev_server(tmp_path: Path) -> Iterator[DevServer]:
+    # Destroys at once (a zero delay, dev mode only); the lifecycle tests set a delay.
+    with running_dev_server(tmp_path, "--destroy-delay", "0s") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_dev_server(tmp_path: Path, *extra_flags: str) -> Iterator[DevServer]:
+    """`kms-server --dev` on a data directory in tmp_path (kept across restarts)."""
     data_dir = tmp_path / "kms-data"
     ready_file = tmp_path / "ready"
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115  (closed in finally)
+    ready_file.unlink(missing_ok=True)
+    log = open(tmp_path / "server.log", "ab")  # noqa: SIM115  (closed in finally)
     dev_flags = ["--dev", "--data-dir", str(data_dir), "--ready-file", str(ready_file)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.main", *dev_flags, "--listen", "127.0.0.1:0"],
+        [sys.executable, "-m", "server.main", *dev_flags, "--listen", "127.0.0.1:0", *extra_flags],
         cwd=REPO,
         env=child_environment(),
         stdout=log,

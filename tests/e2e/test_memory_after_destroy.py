@@ -48,7 +48,7 @@ def test_no_copy_of_destroyed_material_is_left_in_server_memory(tmp_path: Path) 
     process = subprocess.Popen(
         [sys.executable, "-m", "server.main", "--dev", "--data-dir", str(data_dir),
          "--listen", "127.0.0.1:0", "--ready-file", str(ready),
-         "--material-cache-seconds", str(CACHE_SECONDS)],
+         "--material-cache-seconds", str(CACHE_SECONDS), "--destroy-delay", "0s"],
         cwd=REPO, env=child_environment(), stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:

@@ -97,3 +97,34 @@ def test_a_zero_second_cache_keeps_nothing(tmp_path: Path) -> None:
         assert not _service(kms)._materials._entries
     finally:
         kms.close()
+
+
+def test_a_scheduled_destruction_carried_out_by_the_scheduler_shreds_as_well(
+    tmp_path: Path,
+) -> None:
+    kms = start_kms(tmp_path / "kms", destroy_delay="1s")
+    try:
+        _version_one_in_use(kms)
+        blob = _wrapped_material(kms, 1)
+        material = _cached(kms, 1)
+        kms.stub("admin").DestroyKeyVersion(
+            kms_pb2.DestroyKeyVersionRequest(key_name=KEY, version=1)
+        )
+        assert any(blob in p.read_bytes() for p in kms.data_dir.rglob("*") if p.is_file())
+        deadline = time.monotonic() + 20
+        while (KEY, 1) in _service(kms)._materials._entries:
+            assert time.monotonic() < deadline, "the scheduler did not carry out the destruction"
+            time.sleep(0.05)
+        _service(kms)._materials.sweep()
+        assert material == bytearray(len(material)), "the evicted buffer was not zeroed"
+
+        def holding_the_blob() -> list[str]:
+            files = [path for path in kms.data_dir.rglob("*") if path.is_file()]
+            return [path.name for path in files if blob in path.read_bytes()]
+
+        # The scheduler evicts, then truncates the WAL, right after its commit.
+        while holding_the_blob():
+            assert time.monotonic() < deadline, f"the blob is still in {holding_the_blob()}"
+            time.sleep(0.05)
+    finally:
+        kms.close()

@@ -129,7 +129,35 @@ def _request(method: str) -> st.SearchStrategy[Any]:
             m.EnableKeyVersionRequest, key_name=names, version=u32, reason=long_text
         ),
         "DestroyKeyVersion": st.builds(
-            m.DestroyKeyVersionRequest, key_name=names, version=u32, reason=long_text
+            m.DestroyKeyVersionRequest,
+            key_name=names,
+            version=u32,
+            reason=long_text,
+            validate_only=st.booleans(),
+        ),
+        "CancelKeyVersionDestruction": st.builds(
+            m.CancelKeyVersionDestructionRequest, key_name=names, version=u32, reason=long_text
+        ),
+        "ApproveKeyVersionDestruction": st.builds(
+            m.ApproveKeyVersionDestructionRequest, key_name=names, version=u32, reason=long_text
+        ),
+        "ListBackups": st.builds(
+            m.ListBackupsRequest,
+            key_name=names,
+            version=u32,
+            page_size=u32,
+            page_token=page_tokens,
+        ),
+        "RewrapBackups": st.builds(
+            m.RewrapBackupsRequest, key_name=names, from_version=u32, batch_size=u32
+        ),
+        "UpdateKey": st.builds(
+            m.UpdateKeyRequest,
+            key_name=names,
+            # No period short enough for the scheduler to rotate between a call and its check.
+            rotation_period_seconds=st.one_of(
+                st.sampled_from([0, 3600, 2**63, 2**64 - 1]), st.integers(3600, 2**64 - 1)
+            ),
         ),
         "ListAuditEvents": st.builds(
             m.ListAuditEventsRequest, page_size=u32, page_token=page_tokens, key_name=names
@@ -198,6 +226,7 @@ def test_every_rpc_answers_hostile_input_with_a_defined_status(fuzz_kms: Running
                 "GetAuditPublicKey",
                 "GetActiveKey",
                 "ResolveKeyForBackup",
+                "ApproveKeyVersionDestruction",  # SELF_APPROVAL: the requester is this admin
             )
 
     try:

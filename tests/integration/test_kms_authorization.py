@@ -77,7 +77,7 @@ RPCS: dict[str, tuple[str, Callable[[], Any], str]] = {
         "admin",
         # No such version: the allowed caller is refused for a reason other than auth.
         lambda: kms_pb2.DestroyKeyVersionRequest(key_name=KEY, version=99),
-        "key_version.destroy",
+        "key_version.schedule_destroy",
     ),
     "ListAuditEvents": ("auditor", kms_pb2.ListAuditEventsRequest, "audit.list"),
     "VerifyAuditLog": ("auditor", kms_pb2.VerifyAuditLogRequest, "audit.verify"),

@@ -360,7 +360,7 @@ def test_destroying_the_active_version_is_refused(kms: RunningKms) -> None:
     issued = two_versions_with_backups(kms)
     expect_error(lambda: destroy(kms, 2), FAILED_PRECONDITION, "KEY_VERSION_ACTIVE")
     assert resolve(kms.stub("restore"), "b2").data_key == issued[2].data_key
-    event = last_event(kms, "key_version.destroy")
+    event = last_event(kms, "key_version.schedule_destroy")
     assert (event.outcome, event.version) == (kms_pb2.AUDIT_OUTCOME_DENIED, 2)
 
 

@@ -205,6 +205,7 @@ def test_a_grant_without_keys_stops_the_server_at_start_saying_what_to_add(
     secrets.policy_file.write_text(
         '[principals.ops]\nauth = ["certificate"]\n[[principals.ops.grants]]\nroles = ["admin"]\n'
     )
+    (tmp_path / "server").mkdir(mode=0o700)  # outside dev mode the data directory must exist
     done = subprocess.run(
         [
             sys.executable,

@@ -28,6 +28,7 @@ from client.archive import (
     parse_compression,
     read_header,
 )
+from client.archive import segments as segments_module
 from client.archive.segments import FLAG_LAST, FLAG_ZSTD
 
 SEGMENT = 64  # small segments keep the multi-segment cases cheap
@@ -522,5 +523,9 @@ def test_after_a_run_of_raw_segments_compressible_data_is_compressed_again() -> 
     archive = seal(payload, header)
     flags = [RECORD.unpack_from(part)[0] for part in segments(archive)]
     assert not any(flag & FLAG_ZSTD for flag in flags[:20])
-    assert all(flag & FLAG_ZSTD for flag in flags[32:-1])
+    # Segment 32 is the first retry in the text, and compresses. Segments the worker threads
+    # were already sealing then may still have read the old streak: at most the queue depth.
+    depth = segments_module._worker_count() + 2  # the writer keeps this many in flight
+    assert flags[32] & FLAG_ZSTD
+    assert all(flag & FLAG_ZSTD for flag in flags[32 + depth : -1])
     assert open_archive(archive) == payload

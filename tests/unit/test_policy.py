@@ -263,3 +263,11 @@ def test_dev_mode_writes_token_only_principals_with_explicit_every_key_grants(
         assert principal.roles == frozenset({role})
         assert principal.scope(role).everything
         assert policy.principal_for_certificate(principal.name) is None
+
+
+def test_destroy_approvals_defaults_to_one_and_takes_only_one_or_two() -> None:
+    assert Policy.parse({}).destroy_approvals == 1
+    assert Policy.parse({"destroy_approvals": 2}).destroy_approvals == 2
+    for bad in (0, 3, "2", True):
+        with pytest.raises(PolicyError, match="destroy_approvals"):
+            Policy.parse({"destroy_approvals": bad})

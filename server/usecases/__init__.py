@@ -1,0 +1,1 @@
+"""Use cases of the key-management service, one module per group."""
