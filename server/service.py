@@ -243,8 +243,8 @@ class KeyManagementService:
                 raise FailedPrecondition(
                     "ACTIVATE_ONLY_FIRST_VERSION",
                     f"activate_first_version applies only to a key's first version; key "
-                    f"{key_name} already has versions, so promote version {version} with "
-                    "RotateActive after registering it",
+                    f"{key_name} already has versions: register it without --activate, then "
+                    f"make it active with: kmsctl rotate {key_name} {version}",
                 )
             origin = VersionOrigin.IMPORTED if imported_material else VersionOrigin.GENERATED
             material = (
@@ -924,7 +924,8 @@ class KeyManagementService:
         if version is None:
             raise FailedPrecondition(
                 "NO_ACTIVE_VERSION",
-                f"key {key_name} has no active version; activate one with RotateActive",
+                f"key {key_name} has no active version; activate one with: "
+                f"kmsctl rotate {key_name} VERSION",
             )
         audit.version = version
         active = versions[(key_name, version)]
