@@ -10,7 +10,7 @@ import argparse
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -47,6 +47,12 @@ class ServerSettings:
     process_index: int | None = None
     audit_file: Path | None = None
     material_cache_seconds: int = 60
+    # Root keys beyond --root-key-file (server.root_keys): a file path or a pkcs11: URI each.
+    root_key: str | None = None
+    previous_root_keys: tuple[str, ...] = ()
+    pkcs11_module: Path | None = None
+    pkcs11_pin_file: Path | None = None
+    pkcs11_pin: str | None = field(default=None, repr=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -70,6 +76,18 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--data-dir", "KMS_DATA_DIR", "directory for the embedded database and dev-mode files"),
     ("--database-url", "KMS_DATABASE_URL", "SQLAlchemy URL (default: SQLite in --data-dir)"),
     ("--root-key-file", "KMS_ROOT_KEY_FILE", "32-byte root key file (default DATA_DIR/root.key)"),
+    (
+        "--root-key",
+        "KMS_ROOT_KEY",
+        "the current root key: pkcs11:token=LABEL;object=LABEL (an HSM key) or a file path; "
+        "overrides --root-key-file",
+    ),
+    ("--pkcs11-module", "KMS_PKCS11_MODULE", "the PKCS#11 module (.so) of a pkcs11: root key"),
+    (
+        "--pkcs11-pin-file",
+        "KMS_PKCS11_PIN_FILE",
+        "file holding the token's user PIN (or set KMS_PKCS11_PIN)",
+    ),
     (
         "--policy-file",
         "KMS_POLICY_FILE",
@@ -137,6 +155,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, help=f"{text} [{env}]")
     for flag, env, text in _FLAGS:
         parser.add_argument(flag, action="store_true", default=None, help=f"{text} [{env}]")
+    parser.add_argument(
+        "--previous-root-key-file",
+        action="append",
+        metavar="FILE_OR_URI",
+        help="an older root key that only unwraps, during a rotation; repeatable; a file or a "
+        "pkcs11: URI [KMS_PREVIOUS_ROOT_KEY_FILES, comma-separated]",
+    )
 
 
 def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings:
@@ -213,6 +238,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
         material_cache_seconds=_cache_seconds(
             value("--material-cache-seconds", "KMS_MATERIAL_CACHE_SECONDS")
         ),
+        root_key=value("--root-key", "KMS_ROOT_KEY") or None,
+        previous_root_keys=tuple(
+            getattr(args, "previous_root_key_file", None)
+            or filter(None, environ.get("KMS_PREVIOUS_ROOT_KEY_FILES", "").split(","))
+        ),
+        pkcs11_module=path("--pkcs11-module", "KMS_PKCS11_MODULE"),
+        pkcs11_pin_file=path("--pkcs11-pin-file", "KMS_PKCS11_PIN_FILE"),
+        pkcs11_pin=environ.get("KMS_PKCS11_PIN") or None,
     )
     if settings.log_format not in ("json", "text"):
         raise ConfigError("--log-format / KMS_LOG_FORMAT must be json or text")

@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from server import crypto, server_keys
+from server import crypto, root_keys, server_keys
 from server.audit_file import AuditSinkError
 from server.db.driver import driver_transaction
 from server.db.engine import make_sessionmaker, read_snapshot_options, truncate_sqlite_wal
@@ -120,7 +120,7 @@ class KeyManagementService:
     def __init__(
         self,
         engine: Engine,
-        root_key: crypto.RootKey,
+        root_key: crypto.RootKeyring | crypto.RootKey,
         *,
         on_unavailable: Callable[[], None] | None = None,
         audit_sink: AuditSink | None = None,
@@ -128,7 +128,8 @@ class KeyManagementService:
     ) -> None:
         self._engine = engine
         self._sessions = make_sessionmaker(engine)
-        self._root_key = root_key
+        # A lone RootKey is a keyring of one (tests, tools).
+        self._root_key = crypto.as_keyring(root_key)
         # Told when a call fails because the database is unreachable (the health probe).
         self._on_unavailable = on_unavailable
         self._audit_sink = audit_sink
@@ -160,14 +161,7 @@ class KeyManagementService:
 
     def _open_server_keys(self, session: Session) -> None:
         bootstrap = MetaStore(session)
-        stored = bootstrap.get_meta(ROOT_KEY_CHECK)
-        if stored is None:
-            bootstrap.set_meta(ROOT_KEY_CHECK, self._root_key.check_value())
-        elif not self._root_key.matches(stored):
-            raise crypto.RootKeyError(
-                "the root key does not match this database: it was initialised with a "
-                "different root key (check --root-key-file / KMS_ROOT_KEY_FILE)"
-            )
+        root_keys.check_keyring(session, self._root_key)
         try:
             keys = server_keys.load(bootstrap, self._root_key)
         except server_keys.ServerKeysError as error:
