@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from server import config, devmode, workers
+from server import config, devmode, init_data_dir, root_rotation, workers
 from server.api.observability import (
     CallLog,
     CallQueueHandler,
@@ -27,18 +27,23 @@ log = logging.getLogger("kms-server")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    command = "migrate" if args[:1] == ["migrate"] else "serve"
-    if command == "migrate":
+    if args[:1] == ["init"]:
+        return init_data_dir.main(args[1:])
+    command = args[0] if args[:1] in (["migrate"], ["rewrap-root-keys"]) else "serve"
+    if command != "serve":
         args = args[1:]
     parser = argparse.ArgumentParser(
-        prog="kms-server" if command == "serve" else "kms-server migrate",
+        prog="kms-server" if command == "serve" else f"kms-server {command}",
         description="The kms.v1 key-management server. `kms-server migrate` upgrades the "
-        "database schema and exits.",
+        "database schema and exits; `kms-server rewrap-root-keys` rewraps every blob under the "
+        "current root key; `kms-server init --data-dir DIR` makes a data directory.",
     )
     config.add_arguments(parser)
+    if command == "rewrap-root-keys":
+        parser.add_argument("--batch-size", type=int, default=100, help="key versions per batch")
     try:
         parsed = parser.parse_args(args)
-        if command == "migrate":
+        if command != "serve":
             # Migrating serves nothing, so the listening and TLS checks do not apply.
             parsed.insecure, parsed.listen = True, "127.0.0.1:0"
         settings = config.load(parsed, os.environ)
@@ -47,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             open_database(settings, upgrade=True).dispose()
             print("the database schema is up to date")
             return 0
+        if command == "rewrap-root-keys":
+            return root_rotation.run(settings, max(1, parsed.batch_size))
         return _serve(settings, args, call_lines)
     except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
         print(f"kms-server: {error}", file=sys.stderr)
@@ -60,7 +67,7 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: Cal
     if settings.dev and not supervised:
         token_files = devmode.bootstrap(settings)
         print(f"dev mode: data directory {settings.data_dir}", flush=True)
-        print(f"dev mode: root key {settings.root_key_file}", flush=True)
+        print(f"dev mode: root key {settings.root_key or settings.root_key_file}", flush=True)
         for path in token_files:
             print(f"dev mode: {path.name} token in {path}", flush=True)
     if settings.processes > 1 and not supervised:

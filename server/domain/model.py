@@ -48,6 +48,8 @@ class Action(enum.StrEnum):
     READ_AUDIT_PUBLIC_KEY = "audit.public_key"
     # Written once, when the server's audit keys are made: the keyed chain starts here.
     START_KEYED_AUDIT = "audit.keyed_chain_start"
+    # A batch of `kms-server rewrap-root-keys`: blobs moved to the current root key.
+    ROOT_KEY_REWRAP = "root_key.rewrap"
 
 
 class VersionState(enum.StrEnum):
