@@ -148,7 +148,11 @@ class Pkcs11RootKey(RootKey):
                 f"root key {uri}: several tokens are labelled {uri.token!r}"
             ) from None
         try:
-            session = token.open(user_pin=pin)
+            try:
+                session = token.open(user_pin=pin)
+            except pkcs11.UserAlreadyLoggedIn:
+                # Login is per process: another key of this keyring (or this process) did it.
+                session = token.open()
         except (pkcs11.PinIncorrect, pkcs11.PinLenRange, pkcs11.PinInvalid):
             raise RootKeyError(f"root key {uri}: wrong PIN for token {uri.token!r}") from None
         except pkcs11.PinLocked:
