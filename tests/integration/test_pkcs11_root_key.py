@@ -53,7 +53,7 @@ def test_the_root_key_stays_in_the_token_and_deleting_it_makes_the_next_unwrap_f
     assert crypto.root_key_id_of(blob) == root.key_id
     assert root.unwrap_version_material("tenant-a", 1, blob) == b"m" * 32
     # Bound to what it belongs to, like a file key's blob.
-    with pytest.raises(crypto.IntegrityFailure):
+    with pytest.raises(IntegrityFailure):
         root.unwrap_version_material("tenant-a", 2, blob)
     # Another key (a file key) is refused by id, not tried.
     with pytest.raises(crypto.RootKeyMissing, match=root.key_id):
