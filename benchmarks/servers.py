@@ -70,7 +70,7 @@ def _start(command: list[str], ready_file: Path, log_path: Path) -> Process:
 @contextmanager
 def echo_server(work: Path, processes: int = 1) -> Iterator[Process]:
     command = [sys.executable, "-m", "benchmarks.echo_server", "--listen", "127.0.0.1:0"]
-    command += ["--processes", str(processes), *ROOT_KEY_ARGS]
+    command += ["--processes", str(processes)]
     ready = work / "echo.ready"
     server = _start([*command, "--ready-file", str(ready)], ready, work / "echo.log")
     try:
