@@ -65,12 +65,13 @@ def check_keyring(session: Session, keyring: RootKeyring) -> None:
                 "which this server was not given (check --root-key-file / --root-key / "
                 "--previous-root-key-file)"
             )
-        keyring.legacy = matching[0]
-        keyring.legacy_id = matching[0].key_id
-        if legacy_id is None:
-            _set(session, LEGACY_ID, matching[0].key_id.encode())
-        stored.setdefault(CHECK_PREFIX + matching[0].key_id, matching[0].check_value())
-        _set(session, CHECK_PREFIX + matching[0].key_id, stored[CHECK_PREFIX + matching[0].key_id])
+        owner = matching[0]
+        keyring.legacy, keyring.legacy_id = owner, owner.key_id
+        if legacy_id is None:  # the first start since key ids: name the key from now on
+            _set(session, LEGACY_ID, owner.key_id.encode())
+        if CHECK_PREFIX + owner.key_id not in stored:
+            stored[CHECK_PREFIX + owner.key_id] = owner.check_value()
+            _set(session, CHECK_PREFIX + owner.key_id, stored[CHECK_PREFIX + owner.key_id])
     for name, value in sorted(stored.items()):
         key_id = name.removeprefix(CHECK_PREFIX)
         key = keyring.get(key_id)
@@ -86,12 +87,12 @@ def check_keyring(session: Session, keyring: RootKeyring) -> None:
             )
     current = keyring.current
     if CHECK_PREFIX + current.key_id not in stored:
-        _set(session, CHECK_PREFIX + current.key_id, current.check_value())
+        stored[CHECK_PREFIX + current.key_id] = current.check_value()
+        _set(session, CHECK_PREFIX + current.key_id, stored[CHECK_PREFIX + current.key_id])
         log.info("recorded %s as this database's current root key", current.describe())
-    needed = sorted(name.removeprefix(CHECK_PREFIX) for name in stored)
-    unused = [key.key_id for key in keyring.keys if key.key_id not in needed]
-    if unused and unused != [current.key_id]:
-        log.info("root keys no blob needs yet: %s", ", ".join(unused))
+    unused = [key.describe() for key in keyring.keys if CHECK_PREFIX + key.key_id not in stored]
+    if unused:
+        log.info("no blob needs these previous root keys: %s", "; ".join(unused))
 
 
 def needed_key_ids(session: Session) -> list[str]:
