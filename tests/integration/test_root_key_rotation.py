@@ -14,6 +14,8 @@ from sqlalchemy import text
 
 from kms.v1 import kms_pb2
 from server import crypto
+from server.root_keys import load_keyring
+from server.root_rotation import rewrap_root_keys
 from tests.conftest import RunningKms, start_kms
 from tests.integration.kms_helpers import (
     all_audit_events,
@@ -260,5 +262,47 @@ def test_a_database_from_before_key_ids_rotates_off_its_format_1_root_key(
         assert check_value_names(kms) == [f"root_key_check/{key_id(new)}"]
         kms = _restart(kms, root_key_file=str(new))
         assert verify(kms).intact, verify(kms).problem
+    finally:
+        kms.close()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_rewrap_stopped_after_a_batch_resumes_where_it_stopped(
+    tmp_path: Path, database_url: str
+) -> None:
+    kms = start_kms(tmp_path / "kms", database_url)
+    old = kms.settings.root_key_file
+    new = new_root_key_file(tmp_path / "new.key")
+    try:
+        issued = _seed(kms)
+        kms = _restart(kms, root_key_file=str(new), previous_root_key_file=str(old))
+        keyring = load_keyring(kms.settings)
+        assert kms.server.service is not None
+        integrity = kms.server.service.server_keys.integrity()
+
+        def stop_after_first_batch(line: str) -> None:
+            if line.startswith("rewrapped 2 of"):
+                raise _Stopped  # as if the process were killed after that batch committed
+
+        with pytest.raises(_Stopped):
+            rewrap_root_keys(
+                kms.server.engine, keyring, integrity, batch_size=2, report=stop_after_first_batch
+            )
+        assert root_key_ids_of_blobs(kms) == {key_id(old): 4, key_id(new): 2 + 3}
+        assert f"root_key_check/{key_id(old)}" in check_value_names(kms)
+        lines: list[str] = []
+        result = rewrap_root_keys(
+            kms.server.engine, keyring, integrity, batch_size=2, report=lines.append
+        )
+        assert (result.secrets_rewrapped, result.versions_rewrapped) == (0, 4)
+        assert result.retired_key_ids == [key_id(old)]
+        assert "4 key versions to rewrap under root key " + key_id(new) in lines
+        assert verify(kms).intact, verify(kms).problem
+        kms = _restart(kms, root_key_file=str(new))
+        for backup_id, data_key in issued.items():
+            assert resolve(kms.stub("restore"), backup_id).data_key == data_key
     finally:
         kms.close()
