@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         written = init_data_dir(args.data_dir)
     except (InitError, OSError) as error:
-        print(f"kms-server init: {error}", flush=True)
+        print(f"kms-server init: {error}", file=sys.stderr, flush=True)
         return 2
     finally:
         os.umask(old_umask)

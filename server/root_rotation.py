@@ -119,7 +119,11 @@ def rewrap_root_keys(
             not keyring.is_current(blob) for _, _, blob in server_keys.stored_secrets(repo)
         )
         if left:
-            raise RuntimeError(f"{left} blobs appeared under an older root key; run again")
+            # A server still configured with an older key as its current one: fix it, run again.
+            raise crypto.RootKeyError(
+                f"{left} blobs were written under an older root key meanwhile: is every server "
+                f"started with root key {current} as its current key? Then run this again"
+            )
         retired = root_keys.retire(session, keyring)
         if retired:
             audited(
