@@ -296,6 +296,12 @@ class RootKeyring:
     def key_for(self, blob: bytes, what: str) -> RootKey:
         """The key that opens `blob`, or RootKeyMissing naming the one it needs."""
         key_id = root_key_id_of(blob)
+        header = 1 if key_id is None else 1 + KEY_ID_BYTES
+        if len(blob) < header + NONCE_BYTES + TAG_BYTES or blob[:1] not in (
+            BLOB_FORMAT,
+            ROOT_BLOB_FORMAT,
+        ):
+            raise IntegrityFailure("WRAPPED_BLOB_MALFORMED", f"{what} is malformed")
         if key_id is None:
             if self.legacy is None:
                 raise RootKeyMissing(
