@@ -18,6 +18,8 @@ from sqlalchemy.orm import Session
 from server.config import ServerSettings
 from server.crypto import RootKey, RootKeyError, RootKeyring
 from server.db.models import ServerMetaRow
+from server.db.repository import Repository
+from server.domain.model import Action, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,11 @@ def load_root_key(entry: str, settings: ServerSettings) -> RootKey:
     )
 
 
-def check_keyring(session: Session, keyring: RootKeyring) -> None:
+def check_keyring(session: Session, keyring: RootKeyring) -> list[str]:
     """Refuses a keyring that lacks a key the database still needs, or holds one that does not
     match its check value; records the current key's check value if it is new. In the
-    caller's transaction."""
+    caller's transaction; returns what it recorded, for the audit log (`audit_recorded`)."""
+    recorded: list[str] = []
     stored = _checks(session)
     legacy = stored.pop(LEGACY_CHECK, None)
     legacy_id = stored.pop(LEGACY_ID, None)
@@ -72,6 +75,7 @@ def check_keyring(session: Session, keyring: RootKeyring) -> None:
         if CHECK_PREFIX + owner.key_id not in stored:
             stored[CHECK_PREFIX + owner.key_id] = owner.check_value()
             _set(session, CHECK_PREFIX + owner.key_id, stored[CHECK_PREFIX + owner.key_id])
+            recorded.append(f"root key {owner.key_id} named as the key of the format-1 blobs")
     for name, value in sorted(stored.items()):
         key_id = name.removeprefix(CHECK_PREFIX)
         key = keyring.get(key_id)
@@ -90,9 +94,23 @@ def check_keyring(session: Session, keyring: RootKeyring) -> None:
         stored[CHECK_PREFIX + current.key_id] = current.check_value()
         _set(session, CHECK_PREFIX + current.key_id, stored[CHECK_PREFIX + current.key_id])
         log.info("recorded %s as this database's current root key", current.describe())
+        recorded.append(f"root key {current.key_id} recorded as the current root key")
     unused = [key.describe() for key in keyring.keys if CHECK_PREFIX + key.key_id not in stored]
     if unused:
         log.info("no blob needs these previous root keys: %s", "; ".join(unused))
+    return recorded
+
+
+def audit_recorded(repo: Repository, recorded: list[str], now_us: int) -> None:
+    """One `root_key.record` event for what `check_keyring` recorded, in the same transaction."""
+    repo.append_audit(
+        time_us=now_us,
+        actor="system",
+        action=Action.ROOT_KEY_RECORD,
+        outcome=Outcome.ALLOWED,
+        status_code="OK",
+        detail="; ".join(recorded),
+    )
 
 
 def needed_key_ids(session: Session) -> list[str]:

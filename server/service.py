@@ -161,7 +161,7 @@ class KeyManagementService:
 
     def _open_server_keys(self, session: Session) -> None:
         bootstrap = MetaStore(session)
-        root_keys.check_keyring(session, self._root_key)
+        recorded = root_keys.check_keyring(session, self._root_key)
         try:
             keys = server_keys.load(bootstrap, self._root_key)
         except server_keys.ServerKeysError as error:
@@ -175,6 +175,9 @@ class KeyManagementService:
             keys = server_keys.create(bootstrap, self._root_key, bootstrap.audit_head().sequence)
             repo = Repository(session, keys.integrity(self._audit_sink))
             server_keys.start_keyed_chain(repo, keys, now_us())
+        elif recorded:  # a new root key's check value: audited like any change
+            root_keys.audit_recorded(Repository(session, keys.integrity(self._audit_sink)),
+                                     recorded, now_us())  # fmt: skip
         self._keys = keys
         self._integrity_parts = keys.integrity(self._audit_sink)
 

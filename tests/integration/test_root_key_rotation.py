@@ -72,6 +72,13 @@ def test_rotation_rewraps_every_blob_in_audited_batches_and_the_new_key_then_ser
     try:
         issued = _seed(kms)
         kms = _restart(kms, root_key_file=str(new), previous_root_key_file=str(old))
+        # The new key's check value was recorded, and audited, when the server first started on it.
+        records = [
+            e for e in all_audit_events(kms.stub("auditor")) if e.action == "root_key.record"
+        ]
+        assert [e.detail for e in records] == [
+            f"root key {key_id(new)} recorded as the current root key"
+        ]
         # A version registered during the rotation is wrapped under the new key at once.
         register(kms.stub("admin"), "tenant-d", activate=True)
         issued["tenant-d-v1"] = issue(kms.stub("backup"), "tenant-d-v1", "tenant-d").data_key
