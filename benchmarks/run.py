@@ -21,7 +21,7 @@ from typing import Any
 import cryptography
 import grpc
 
-from benchmarks import archives, openbao, seed
+from benchmarks import archives, openbao, seed, servers
 from benchmarks.echo_server import METHOD
 from benchmarks.load import GRPC_FAILURES, CallFactory, EventLoop, LoadResult, percentile
 from benchmarks.openbao import BaoProcess, TransitClient
@@ -152,11 +152,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave a part out (repeatable); --skip rpcs --skip scale measures only raw "
         "AES-GCM, fsync and the archive programs",
     )  # fmt: skip
+    parser.add_argument(
+        "--root-key",
+        help="the servers' root key: a file or pkcs11:token=LABEL;object=LABEL (an HSM key; "
+        "then give --pkcs11-module and --pkcs11-pin-file, and --skip scale)",
+    )
+    parser.add_argument("--pkcs11-module", help="passed to kms-server with --root-key")
+    parser.add_argument("--pkcs11-pin-file", help="passed to kms-server with --root-key")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.root_key:
+        if "scale" not in args.skip:
+            raise SystemExit(
+                "--root-key: the scale phase seeds with DATA_DIR/root.key; add --skip scale"
+            )
+        servers.ROOT_KEY_ARGS[:] = ["--root-key", args.root_key]
+        for flag in ("pkcs11_module", "pkcs11_pin_file"):
+            if getattr(args, flag):
+                servers.ROOT_KEY_ARGS += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
     work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
@@ -172,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             "processes": args.processes,
             "connections": args.connections,
             "peers": args.peer,
+            "root_key": "pkcs11" if (args.root_key or "").startswith("pkcs11:") else "file",
             "warmup_s": sizes.warmup,
             "phase_s": sizes.duration,
             "work_dir": str(work),

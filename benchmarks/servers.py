@@ -118,12 +118,16 @@ class KmsProcess(Process):
         return seconds
 
 
+# Root-key flags every kms-server gets (run.py's --root-key, --pkcs11-module, --pkcs11-pin-file).
+ROOT_KEY_ARGS: list[str] = []
+
+
 def start_kms(data_dir: Path, database_url: str = "", processes: int = 1) -> KmsProcess:
     """`kms-server --dev` on an ephemeral loopback port; SQLite in DATA_DIR unless a URL."""
     ready = data_dir.with_name(data_dir.name + ".ready")
     command = [sys.executable, "-m", "server.main", "--dev", "--data-dir", str(data_dir)]
     command += ["--listen", "127.0.0.1:0", "--ready-file", str(ready)]
-    command += ["--processes", str(processes)]
+    command += ["--processes", str(processes), *ROOT_KEY_ARGS]
     if database_url:
         command += ["--database-url", database_url]
     started = _start(command, ready, data_dir.with_name(data_dir.name + ".log"))

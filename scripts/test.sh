@@ -14,6 +14,12 @@ else
   echo "PostgreSQL tests: SKIPPED (set KMS_TEST_DATABASE_URL to run them)"
 fi
 
+if command -v softhsm2-util >/dev/null; then
+  echo "PKCS#11 tests: on (SoftHSM2)"
+else
+  echo "PKCS#11 tests: SKIPPED (install SoftHSM2: apt-get install softhsm2)"
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

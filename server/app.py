@@ -22,7 +22,6 @@ from server.api.pipeline import Limits, Pipeline, PipelineServer, PublicCalls
 from server.api.servicer import KeyManagementServicer
 from server.audit_file import AuditFile, AuditSinkError
 from server.config import ServerSettings, listen_host, listen_port
-from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine
 from server.db.health import DatabaseProbe
@@ -30,6 +29,7 @@ from server.db.models import KeyRow
 from server.event_loop import EventLoopThread
 from server.policy import Policy
 from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
+from server.root_keys import load_keyring
 from server.service import KeyManagementService
 from server.thread_names import name_grpc_poller, name_os_thread
 
@@ -147,7 +147,7 @@ def create_server(
 ) -> KmsServer:
     """The server, started. `call_lines`: where each call's log line goes (default: a record
     of the `kms.call` logger)."""
-    root_key = RootKey.load(settings.root_key_file)
+    root_key = load_keyring(settings)
     policy = PolicyHolder(Policy.load(settings.policy_file))
     engine = open_database(settings, upgrade=upgrade_schema)
     # SQLite is a local file: there is no connection to lose, so nothing to probe.

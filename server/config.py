@@ -12,7 +12,7 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -64,6 +64,12 @@ class ServerSettings:
     public_max_rpcs_per_connection: int = 4
     # The waiting period of DestroyKeyVersion (server.usecases.lifecycle).
     destroy_delay_seconds: int = DEFAULT_DESTROY_DELAY_SECONDS
+    # Root keys beyond --root-key-file (server.root_keys): a file path or a pkcs11: URI each.
+    root_key: str | None = None
+    previous_root_keys: tuple[str, ...] = ()
+    pkcs11_module: Path | None = None
+    pkcs11_pin_file: Path | None = None
+    pkcs11_pin: str | None = field(default=None, repr=False)
 
     @property
     def uses_tls(self) -> bool:
@@ -87,6 +93,18 @@ _SETTINGS: list[tuple[str, str, str]] = [
     ("--data-dir", "KMS_DATA_DIR", "directory for the embedded database and dev-mode files"),
     ("--database-url", "KMS_DATABASE_URL", "SQLAlchemy URL (default: SQLite in --data-dir)"),
     ("--root-key-file", "KMS_ROOT_KEY_FILE", "32-byte root key file (default DATA_DIR/root.key)"),
+    (
+        "--root-key",
+        "KMS_ROOT_KEY",
+        "the current root key: pkcs11:token=LABEL;object=LABEL (an HSM key) or a file path; "
+        "overrides --root-key-file",
+    ),
+    ("--pkcs11-module", "KMS_PKCS11_MODULE", "the PKCS#11 module (.so) of a pkcs11: root key"),
+    (
+        "--pkcs11-pin-file",
+        "KMS_PKCS11_PIN_FILE",
+        "file holding the token's user PIN (or set KMS_PKCS11_PIN)",
+    ),
     (
         "--policy-file",
         "KMS_POLICY_FILE",
@@ -200,6 +218,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, help=f"{text} [{env}]")
     for flag, env, text in _FLAGS:
         parser.add_argument(flag, action="store_true", default=None, help=f"{text} [{env}]")
+    parser.add_argument(
+        "--previous-root-key-file",
+        action="append",
+        metavar="FILE_OR_URI",
+        help="an older root key that only unwraps, during a rotation; repeatable; a file or a "
+        "pkcs11: URI [KMS_PREVIOUS_ROOT_KEY_FILES, comma-separated]",
+    )
 
 
 MAX_PROCESSES_PER_CPU = 4
@@ -397,6 +422,14 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             MAX_CONCURRENT_RPCS,
         ),
         destroy_delay_seconds=destroy_delay_seconds,
+        root_key=value("--root-key", "KMS_ROOT_KEY") or None,
+        previous_root_keys=tuple(
+            getattr(args, "previous_root_key_file", None)
+            or filter(None, environ.get("KMS_PREVIOUS_ROOT_KEY_FILES", "").split(","))
+        ),
+        pkcs11_module=path("--pkcs11-module", "KMS_PKCS11_MODULE"),
+        pkcs11_pin_file=path("--pkcs11-pin-file", "KMS_PKCS11_PIN_FILE"),
+        pkcs11_pin=environ.get("KMS_PKCS11_PIN") or None,
     )
     if not problems:
         try:

@@ -15,7 +15,7 @@ from server.policy import hash_token
 def bootstrap(settings: ServerSettings) -> list[Path]:
     """Creates what is missing and returns the token file paths (never the tokens)."""
     settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not settings.root_key_file.exists():
+    if settings.root_key is None and not settings.root_key_file.exists():
         RootKey.create(settings.root_key_file)
     tokens_dir = settings.data_dir / "tokens"
     tokens_dir.mkdir(mode=0o700, exist_ok=True)

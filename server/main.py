@@ -1,4 +1,6 @@
-"""`kms-server`: serve, or `kms-server migrate` to upgrade the database schema."""
+"""`kms-server`: serve; `kms-server migrate` upgrades the database schema, `kms-server
+rewrap-root-keys` moves every blob to the current root key, `kms-server init` makes a
+production data directory."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from server import config, devmode, workers
+from server import config, devmode, init_data_dir, root_rotation, workers
 from server.api.observability import (
     CallLog,
     CallQueueHandler,
@@ -34,7 +36,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-SUBCOMMANDS = ("migrate", "completion")
+SUBCOMMANDS = ("migrate", "rewrap-root-keys", "init", "completion")
 
 
 def build_parser(
@@ -44,16 +46,44 @@ def build_parser(
         prog="kms-server" if command == "serve" else f"kms-server {command}",
         description="The kms.v1 key-management server (docs/configuration.md). "
         "`kms-server migrate` upgrades the database schema and exits; "
+        "`kms-server rewrap-root-keys` rewraps every blob under the current root key; "
+        "`kms-server init --data-dir DIR` makes a data directory; "
         "`kms-server completion bash|zsh` prints a shell completion script.",
     )
     parser.add_argument("--version", action="version", version=_version())
     config.add_arguments(parser)
+    if command == "rewrap-root-keys":
+        _rewrap_arguments(parser)
     if with_subcommands:
         # Only for completion: main() dispatches the subcommands before parsing.
-        commands = parser.add_subparsers(dest="subcommand", metavar="[migrate|completion]")
+        commands = parser.add_subparsers(
+            dest="subcommand", metavar="[migrate|rewrap-root-keys|init|completion]"
+        )
         config.add_arguments(commands.add_parser("migrate", help="upgrade the database schema"))
+        rewrap = commands.add_parser("rewrap-root-keys", help="rewrap under the current root key")
+        config.add_arguments(rewrap)
+        _rewrap_arguments(rewrap)
+        commands.add_parser("init", help="make a production data directory")
         commands.add_parser("completion", help="print a shell completion script")
     return parser
+
+
+MAX_REWRAP_BATCH = 10_000
+
+
+def _rewrap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=100,
+        help=f"key versions per batch, 1 to {MAX_REWRAP_BATCH} (default 100)",
+    )
+
+
+def _batch_size(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_REWRAP_BATCH:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_REWRAP_BATCH}")
+    return int(text)
 
 
 def _version() -> str:
@@ -77,9 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command == "completion":
             return _completion(args)
+        if command == "init":
+            return init_data_dir.main(args)
         parsed = build_parser(command).parse_args(args)
-        if command == "migrate":
-            # Migrating serves nothing, so the listening and TLS checks do not apply.
+        if command != "serve":
+            # Migrating or rewrapping serves nothing: the listening and TLS checks do not apply.
             parsed.insecure, parsed.listen = True, "127.0.0.1:0"
         settings = config.load(parsed, os.environ)
         if command == "migrate":
@@ -90,6 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _protect_sqlite_files(settings)
             print("the database schema is up to date")
             return EXIT_OK
+        if command == "rewrap-root-keys":
+            _configure_logging(settings)
+            return root_rotation.run(settings, parsed.batch_size)
         call_lines = _configure_logging(settings)
         return _serve(settings, args, call_lines)
     except (config.ConfigError, StartupError, RootKeyError, PolicyError) as error:
@@ -161,7 +196,7 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: Cal
             )
         token_files = devmode.bootstrap(settings)
         print(f"dev mode: data directory {settings.data_dir}", flush=True)
-        print(f"dev mode: root key {settings.root_key_file}", flush=True)
+        print(f"dev mode: root key {settings.root_key or settings.root_key_file}", flush=True)
         for path in token_files:
             print(f"dev mode: {path.name} token in {path}", flush=True)
     config.check_files(settings)

@@ -62,7 +62,7 @@ class ServerKeys:
         )
 
 
-def load(repo: MetaStore, root_key: crypto.RootKey) -> ServerKeys | None:
+def load(repo: MetaStore, root_key: crypto.RootKey | crypto.RootKeyring) -> ServerKeys | None:
     """The stored secrets, unwrapped; None when this database has none yet."""
     stored = {name: repo.get_meta(name) for name in _ALL}
     if all(value is None for value in stored.values()):
@@ -80,6 +80,8 @@ def load(repo: MetaStore, root_key: crypto.RootKey) -> ServerKeys | None:
         )
         state = root_key.unwrap_server_secret(STATE_MAC_KEY, _b(stored, STATE_MAC_KEY))
         seed = root_key.unwrap_server_secret(AUDIT_SIGNING_KEY, _b(stored, AUDIT_SIGNING_KEY))
+    except crypto.RootKeyMissing as absent:
+        raise ServerKeysError(absent.message) from None
     except IntegrityFailure as failure:
         raise ServerKeysError(
             f"{failure.message}: the server's secrets in the database were altered "
@@ -90,7 +92,9 @@ def load(repo: MetaStore, root_key: crypto.RootKey) -> ServerKeys | None:
     return ServerKeys(AuditMac(audit), StateSeal(state), signing, keyed_from)
 
 
-def create(repo_meta: MetaStore, root_key: crypto.RootKey, head_sequence: int) -> ServerKeys:
+def create(
+    repo_meta: MetaStore, root_key: crypto.RootKey | crypto.RootKeyring, head_sequence: int
+) -> ServerKeys:
     """Makes the secrets and stores them wrapped, in the caller's transaction; the keyed chain
     will start at the event after the current head (`start_keyed_chain`)."""
     keyed_from = head_sequence + 1
@@ -123,6 +127,37 @@ def start_keyed_chain(repo: Repository, keys: ServerKeys, now_us: int) -> None:
     )
     if sequence != keys.keyed_from:
         raise ServerKeysError("the audit log moved while the keyed chain was being started")
+
+
+def stored_secrets(repo: MetaStore) -> list[tuple[str, str, bytes]]:
+    """(server_meta name, associated-data name, blob) of every stored secret."""
+    keyed_from = _keyed_from(repo.get_meta(KEYED_FROM))
+    out = []
+    for name, bound in (
+        (AUDIT_MAC_KEY, f"{AUDIT_MAC_KEY}@{keyed_from}"),
+        (STATE_MAC_KEY, STATE_MAC_KEY),
+        (AUDIT_SIGNING_KEY, AUDIT_SIGNING_KEY),
+    ):
+        blob = repo.get_meta(name)
+        if blob is not None:
+            out.append((name, bound, blob))
+    return out
+
+
+def rewrap(repo: MetaStore, keyring: crypto.RootKeyring) -> int:
+    """Rewraps under the current root key every secret still under an older one, in the
+    caller's transaction; returns how many."""
+    count = 0
+    for name, bound, blob in stored_secrets(repo):
+        if keyring.is_current(blob):
+            continue
+        secret = keyring.unwrap_server_secret(bound, blob)
+        try:
+            repo.set_meta(name, keyring.wrap_server_secret(bound, secret))
+        finally:
+            crypto.wipe(secret)
+        count += 1
+    return count
 
 
 def _keyed_from(value: bytes | None) -> int:

@@ -27,7 +27,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from server import crypto, server_keys
+from server import crypto, root_keys, server_keys
 from server.audit_file import AuditSinkError
 from server.db.driver import driver_transaction
 from server.db.engine import make_sessionmaker, read_snapshot_options, truncate_sqlite_wal
@@ -125,7 +125,7 @@ class KeyManagementService:
     def __init__(
         self,
         engine: Engine,
-        root_key: crypto.RootKey,
+        root_key: crypto.RootKeyring | crypto.RootKey,
         *,
         on_unavailable: Callable[[], None] | None = None,
         audit_sink: AuditSink | None = None,
@@ -139,7 +139,8 @@ class KeyManagementService:
         # How long the principal that made a binding may get its data key again (a retry).
         self._retry_window_us = int(data_key_retry_window_seconds * 1_000_000)
         self._sessions = make_sessionmaker(engine)
-        self._root_key = root_key
+        # A lone RootKey is a keyring of one (tests, tools).
+        self._root_key = crypto.as_keyring(root_key)
         # Told when a call fails because the database is unreachable (the health probe).
         self._on_unavailable = on_unavailable
         self._audit_sink = audit_sink
@@ -178,14 +179,7 @@ class KeyManagementService:
 
     def _open_server_keys(self, session: Session) -> None:
         bootstrap = MetaStore(session)
-        stored = bootstrap.get_meta(ROOT_KEY_CHECK)
-        if stored is None:
-            bootstrap.set_meta(ROOT_KEY_CHECK, self._root_key.check_value())
-        elif not self._root_key.matches(stored):
-            raise crypto.RootKeyError(
-                "the root key does not match this database: it was initialised with a "
-                "different root key (check --root-key-file / KMS_ROOT_KEY_FILE)"
-            )
+        recorded = root_keys.check_keyring(session, self._root_key)
         try:
             keys = server_keys.load(bootstrap, self._root_key)
         except server_keys.ServerKeysError as error:
@@ -199,6 +193,9 @@ class KeyManagementService:
             keys = server_keys.create(bootstrap, self._root_key, bootstrap.audit_head().sequence)
             repo = Repository(session, keys.integrity(self._audit_sink))
             server_keys.start_keyed_chain(repo, keys, now_us())
+        elif recorded:  # a new root key's check value: audited like any change
+            root_keys.audit_recorded(Repository(session, keys.integrity(self._audit_sink)),
+                                     recorded, now_us())  # fmt: skip
         self._keys = keys
         self._integrity_parts = keys.integrity(self._audit_sink)
 

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 from server import config
 from server.api.observability import ActiveVersionCollector
 from server.app import StartupError, active_versions, open_database, refuse_port_in_use
-from server.crypto import RootKey
+from server.root_keys import load_keyring
 from server.service import KeyManagementService
 from server.signals import ServerSignals
 
@@ -48,7 +48,7 @@ def supervise(settings: config.ServerSettings, argv: Sequence[str]) -> int:
     """Runs `settings.processes` kms-server processes until SIGTERM; returns the exit status."""
     engine = open_database(settings, upgrade=settings.upgrades_own_schema)
     try:
-        service = KeyManagementService(engine, RootKey.load(settings.root_key_file))
+        service = KeyManagementService(engine, load_keyring(settings))
         try:
             service.check_root_key()  # once, before the processes could race to record it
         finally:

@@ -58,6 +58,10 @@ class Action(enum.StrEnum):
     START_KEYED_AUDIT = "audit.keyed_chain_start"
     # One event per peer per interval for the calls refused unauthenticated beyond the limit.
     UNAUTHENTICATED_SUMMARY = "auth.unauthenticated_summary"
+    # A batch of `kms-server rewrap-root-keys`: blobs moved to the current root key.
+    ROOT_KEY_REWRAP = "root_key.rewrap"
+    # A server started with a root key the database did not know: its check value recorded.
+    ROOT_KEY_RECORD = "root_key.record"
 
 
 class VersionState(enum.StrEnum):
