@@ -480,10 +480,12 @@ def check_files(settings: ServerSettings, *, migrating: bool = False) -> None:
                 f"(mkdir -m 700 {directory}) or start once with --dev"
             )
     if not migrating:
+        # --root-key (a pkcs11: URI or a file) replaces --root-key-file: server.root_keys checks it.
+        root_key_file = settings.root_key_file if settings.root_key is None else None
         files = [
             (
                 "--root-key-file / KMS_ROOT_KEY_FILE",
-                settings.root_key_file,
+                root_key_file,
                 MAX_ROOT_KEY_FILE_BYTES,
             ),
             ("--policy-file / KMS_POLICY_FILE", settings.policy_file, MAX_SETTING_FILE_BYTES),
