@@ -9,6 +9,7 @@ WORKDIR /src
 RUN python -m venv /opt/kms
 COPY pyproject.toml README.md ./
 COPY kms ./kms
+COPY kms_audit ./kms_audit
 COPY server ./server
 COPY client ./client
 RUN /opt/kms/bin/pip install --no-cache-dir --upgrade pip \
