@@ -20,7 +20,6 @@ import importlib
 import importlib.util
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.load import CallFactory, EventLoop
+from benchmarks.servers import Process
 
 TRANSIT_KEY = "bench"
 STARTUP_TIMEOUT = 60.0
@@ -145,26 +145,12 @@ def api(address: str, method: str, path: str, token: str = "", body: Any = None)
 
 
 @dataclass
-class BaoProcess:
+class BaoProcess(Process):
+    """A running `bao server`: pid and stop() as for kms-server (benchmarks.servers.Process)."""
+
     storage: str
-    address: str
     token: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
     audit_log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
     def audit_lines(self) -> int:
         with open(self.audit_log, "rb") as log:
@@ -232,7 +218,14 @@ def start_bao(bao: Path, work: Path, storage: str) -> BaoProcess:
                 token = keys["root_token"]
                 api(address, "PUT", "sys/unseal", body={"key": keys["keys_base64"][0]})
         _wait_until(lambda: _health(address), process, log_path)
-        server = BaoProcess(storage, address, token, process, log_path, audit_log)
+        server = BaoProcess(
+            address=address,
+            process=process,
+            log_path=log_path,
+            storage=storage,
+            token=token,
+            audit_log=audit_log,
+        )
         _set_up_transit(server)
     except BaseException:
         if process.poll() is None:

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from server import service as svc
-from server.db.models import KeyVersionRow
+from server.db.models import KeyRow, KeyVersionRow
 from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
@@ -154,15 +154,7 @@ class Lifecycle:
         audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
-            svc._require(caller, Role.ADMIN)
-            model.check_key_name(key_name)
-            svc._require_key(caller, Role.ADMIN, key_name)
-            model.check_version(version)
-            model.check_reason(reason)
-            key = svc._existing_key(repo, key_name, for_update=True)
-            row = repo.get_version(key_name, version, for_update=True)
-            if row is None:
-                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            key, row = _locked_version(repo, caller, key_name, version, reason)
             if row.state == VersionState.DESTROYED:
                 raise FailedPrecondition(
                     "KEY_VERSION_DESTROYED",
@@ -198,15 +190,7 @@ class Lifecycle:
         audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
-            svc._require(caller, Role.ADMIN)
-            model.check_key_name(key_name)
-            svc._require_key(caller, Role.ADMIN, key_name)
-            model.check_version(version)
-            model.check_reason(reason)
-            key = svc._existing_key(repo, key_name, for_update=True)
-            row = repo.get_version(key_name, version, for_update=True)
-            if row is None:
-                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+            key, row = _locked_version(repo, caller, key_name, version, reason)
             if row.state != VersionState.PENDING_APPROVAL:
                 raise FailedPrecondition(
                     "DESTRUCTION_NOT_PENDING",
@@ -376,3 +360,20 @@ def _shred(row: KeyVersionRow, now: int) -> None:
     row.state = VersionState.DESTROYED
     row.wrapped_material = None
     row.destroyed_us = now
+
+
+def _locked_version(
+    repo: Repository, caller: Principal, key_name: str, version: int, reason: str
+) -> tuple[KeyRow, KeyVersionRow]:
+    """What cancelling and approving check first: the admin's scope, the input, then the key
+    and the version, both locked (a concurrent rotation or scheduler waits)."""
+    svc._require(caller, Role.ADMIN)
+    model.check_key_name(key_name)
+    svc._require_key(caller, Role.ADMIN, key_name)
+    model.check_version(version)
+    model.check_reason(reason)
+    key = svc._existing_key(repo, key_name, for_update=True)
+    row = repo.get_version(key_name, version, for_update=True)
+    if row is None:
+        raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
+    return key, row

@@ -121,7 +121,12 @@ def test_callers_take_the_connections_in_turn(tmp_path: Path) -> None:
     try:
         port = runner.addresses[0][1]
         stand_in = openbao.BaoProcess(
-            "dev", f"127.0.0.1:{port}", "t", cast(Any, None), tmp_path / "log", tmp_path / "a"
+            address=f"127.0.0.1:{port}",
+            process=cast(Any, None),
+            log_path=tmp_path / "log",
+            storage="dev",
+            token="t",
+            audit_log=tmp_path / "a",
         )
         client = openbao.TransitClient(stand_in, loop, connection_count=2)
         calls_by_caller: Counter[int] = Counter()
