@@ -176,14 +176,14 @@ def create_server(
         )
         service.check_root_key()
         # Carries out destructions that fell due while the server was down, then keeps looking.
-        service.lifecycle.start()
+        service.scheduler.start()
         if settings.metrics_listen:
             metrics = Metrics(lambda: active_versions(engine))
         # Every handler added to the server is wrapped once: observability (outermost: it sees
         # the final status of every call), then authentication (server/api/pipeline.py).
         authenticator = Authenticator(
             policy,
-            service.record_denial,
+            service.audit.record_denial,
             AuthFailureLimits(
                 burst=settings.auth_failure_burst,
                 per_minute=settings.auth_failures_per_minute,

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
 
 from kms_audit import checkpoint as checkpoints
-from server import crypto
+from server import crypto, root_keys
 from server.db.repository import Integrity, MetaStore, Repository
 from server.domain.errors import IntegrityFailure
 from server.domain.integrity import AuditMac, StateSeal
@@ -28,6 +30,8 @@ AUDIT_MAC_KEY = "audit_mac_key"
 STATE_MAC_KEY = "state_mac_key"
 AUDIT_SIGNING_KEY = "audit_signing_key"
 KEYED_FROM = "audit_keyed_from"
+# Replicas starting together race to make the keys; the losers use the winner's.
+OPEN_ATTEMPTS = 5
 
 
 class ServerKeysError(Exception):
@@ -60,6 +64,50 @@ class ServerKeys:
         return AuditCheckpoint(
             signed.sequence, signed.chain_hash, signed.time_us, signed.key_id, signed.signature
         )
+
+
+def open_or_create(
+    sessions: sessionmaker[Session],
+    keyring: crypto.RootKeyring,
+    sink: AuditSink | None,
+    now_us: Callable[[], int],
+) -> ServerKeys:
+    """Records the root keyring's check values on first start and refuses a different root key
+    later; then unwraps the server's audit and state keys, making them on first start."""
+    for attempt in range(1, OPEN_ATTEMPTS + 1):
+        try:
+            with sessions.begin() as session:
+                return _open_or_create(session, keyring, sink, now_us)
+        except sa_exc.IntegrityError:
+            # Another replica made the keys at the same moment: use its.
+            if attempt == OPEN_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _open_or_create(
+    session: Session,
+    keyring: crypto.RootKeyring,
+    sink: AuditSink | None,
+    now_us: Callable[[], int],
+) -> ServerKeys:
+    bootstrap = MetaStore(session)
+    recorded = root_keys.check_keyring(session, keyring)
+    try:
+        keys = load(bootstrap, keyring)
+    except ServerKeysError as error:
+        raise crypto.RootKeyError(str(error)) from None
+    if keys is None:
+        if bootstrap.any_keyed_audit_event():
+            raise crypto.RootKeyError(
+                "the server's audit keys are missing from a database whose audit log is "
+                "keyed: they were deleted; restore the database from a backup"
+            )
+        keys = create(bootstrap, keyring, bootstrap.audit_head().sequence)
+        start_keyed_chain(Repository(session, keys.integrity(sink)), keys, now_us())
+    elif recorded:  # a new root key's check value: audited like any change
+        root_keys.audit_recorded(Repository(session, keys.integrity(sink)), recorded, now_us())
+    return keys
 
 
 def load(repo: MetaStore, root_key: crypto.RootKey | crypto.RootKeyring) -> ServerKeys | None:

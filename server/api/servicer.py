@@ -23,10 +23,8 @@ from server.domain.model import (
     VersionOrigin,
     VersionState,
 )
-from server.service import BackupKeyReference, KeyManagementService
-from server.usecases.backups import list_backups
-from server.usecases.retire import rewrap_backups
-from server.usecases.rotation_schedule import update_key
+from server.service import KeyManagementService
+from server.usecases.data_keys import BackupKeyReference
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.RegisterKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.register_key_version(
+            lambda caller: self._service.keys.register_key_version(
                 caller,
                 request.key_name,
                 request.imported_material,
@@ -75,7 +73,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         )
         rotation = _call(
             context,
-            lambda caller: self._service.rotate_active(
+            lambda caller: self._service.keys.rotate_active(
                 caller, request.key_name, request.to_version, expected, request.reason
             ),
         )
@@ -96,7 +94,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.GetActiveKeyResponse:
         key = await _call_coroutine(
             context,
-            lambda caller: self._service.get_active_key(
+            lambda caller: self._service.data_keys.get_active_key(
                 caller, request.key_name, request.backup_id
             ),
         )
@@ -122,7 +120,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
             )
         key = await _call_coroutine(
             context,
-            lambda caller: self._service.resolve_key_for_backup(
+            lambda caller: self._service.data_keys.resolve_key_for_backup(
                 caller, request.backup_id, recovery
             ),
         )
@@ -139,7 +137,9 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.GetKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.get_key_version(caller, request.key_name, request.version),
+            lambda caller: self._service.keys.get_key_version(
+                caller, request.key_name, request.version
+            ),
         )
         return kms_pb2.GetKeyVersionResponse(key_version=_key_version(info))
 
@@ -147,7 +147,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         self, request: kms_pb2.ListKeyVersionsRequest, context: grpc.ServicerContext
     ) -> kms_pb2.ListKeyVersionsResponse:
         infos = _call(
-            context, lambda caller: self._service.list_key_versions(caller, request.key_name)
+            context, lambda caller: self._service.keys.list_key_versions(caller, request.key_name)
         )
         return kms_pb2.ListKeyVersionsResponse(key_versions=[_key_version(i) for i in infos])
 
@@ -156,7 +156,9 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.ListKeysResponse:
         keys, next_token = _call(
             context,
-            lambda caller: self._service.list_keys(caller, request.page_size, request.page_token),
+            lambda caller: self._service.keys.list_keys(
+                caller, request.page_size, request.page_token
+            ),
         )
         return kms_pb2.ListKeysResponse(
             keys=[_key(key) for key in keys],
@@ -168,7 +170,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.DisableKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.disable_key_version(
+            lambda caller: self._service.keys.disable_key_version(
                 caller, request.key_name, request.version, request.reason
             ),
         )
@@ -179,7 +181,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.EnableKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.enable_key_version(
+            lambda caller: self._service.keys.enable_key_version(
                 caller, request.key_name, request.version, request.reason
             ),
         )
@@ -190,7 +192,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.DestroyKeyVersionResponse:
         info = _call(
             context,
-            lambda caller: self._service.destroy_key_version(
+            lambda caller: self._service.lifecycle.schedule_destruction(
                 caller,
                 request.key_name,
                 request.version,
@@ -216,12 +218,8 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.UpdateKeyResponse:
         info = _call(
             context,
-            lambda caller: update_key(
-                self._service,
-                caller,
-                request.key_name,
-                request.rotation_period_seconds,
-                self._service.lifecycle.min_rotation_seconds,
+            lambda caller: self._service.auto_rotation.update_key(
+                caller, request.key_name, request.rotation_period_seconds
             ),
         )
         return kms_pb2.UpdateKeyResponse(key=_key(info))
@@ -231,8 +229,8 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.RewrapBackupsResponse:
         progress = _call(
             context,
-            lambda caller: rewrap_backups(
-                self._service, caller, request.key_name, request.from_version, request.batch_size
+            lambda caller: self._service.retirement.rewrap_backups(
+                caller, request.key_name, request.from_version, request.batch_size
             ),
         )
         return kms_pb2.RewrapBackupsResponse(
@@ -257,8 +255,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.ListBackupsResponse:
         backups, next_token = _call(
             context,
-            lambda caller: list_backups(
-                self._service,
+            lambda caller: self._service.backups.list_backups(
                 caller,
                 request.key_name,
                 request.version,
@@ -284,7 +281,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     ) -> kms_pb2.ListAuditEventsResponse:
         events, next_token = _call(
             context,
-            lambda caller: self._service.list_audit_events(
+            lambda caller: self._service.audit.list_audit_events(
                 caller, request.page_size, request.page_token, request.key_name
             ),
         )
@@ -295,7 +292,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     def VerifyAuditLog(
         self, request: kms_pb2.VerifyAuditLogRequest, context: grpc.ServicerContext
     ) -> kms_pb2.VerifyAuditLogResponse:
-        result = _call(context, self._service.verify_audit_log)
+        result = _call(context, self._service.audit.verify_audit_log)
         return kms_pb2.VerifyAuditLogResponse(
             intact=result.intact,
             events_checked=result.events_checked,
@@ -309,7 +306,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
         self, request: kms_pb2.GetAuditCheckpointRequest, context: grpc.ServicerContext
     ) -> kms_pb2.GetAuditCheckpointResponse:
         checkpoint = _call(
-            context, lambda caller: self._service.audit_checkpoint(caller, request.sequence)
+            context, lambda caller: self._service.audit.audit_checkpoint(caller, request.sequence)
         )
         return kms_pb2.GetAuditCheckpointResponse(
             checkpoint=kms_pb2.AuditCheckpoint(
@@ -324,7 +321,7 @@ class KeyManagementServicer(kms_pb2_grpc.KeyManagementServiceServicer):
     def GetAuditPublicKey(
         self, request: kms_pb2.GetAuditPublicKeyRequest, context: grpc.ServicerContext
     ) -> kms_pb2.GetAuditPublicKeyResponse:
-        pem, key_id = _call(context, self._service.audit_public_key)
+        pem, key_id = _call(context, self._service.audit.audit_public_key)
         return kms_pb2.GetAuditPublicKeyResponse(public_key_pem=pem, key_id=key_id)
 
 

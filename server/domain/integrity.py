@@ -76,7 +76,7 @@ class SealedKey:
     last_version: int
     created_us: int
     state_sequence: int | None
-    # Automatic rotation (server.usecases.rotation_schedule).
+    # Automatic rotation (server.usecases.auto_rotation).
     rotation_period_us: int | None = None
     next_rotation_us: int | None = None
 

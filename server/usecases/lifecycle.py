@@ -10,7 +10,7 @@ due while every server was down is carried out at the next start.
 
 The destruction is audited with actor `system:scheduler`, naming the admin who asked, and
 carries every crypto-shredding guarantee of an immediate destroy
-(`KeyManagementService._forget_destroyed`).
+(`KeyMaterials.forget_destroyed`).
 
 Under the two-person rule (policy `destroy_approvals = 2`) a destroy first waits in
 `pending_approval` until a different admin approves it; only then does the waiting period
@@ -21,51 +21,47 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
-from server import service as svc
 from server.db.models import KeyRow, KeyVersionRow
 from server.db.repository import Repository
 from server.domain import model
-from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
+from server.domain.errors import FailedPrecondition, KmsError, PermissionDenied
 from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
-from server.thread_names import name_os_thread
-from server.usecases import rotation_schedule
-
-if TYPE_CHECKING:
-    from server.service import KeyManagementService
+from server.usecases import guards
+from server.usecases.keys import version_info
+from server.usecases.materials import KeyMaterials
+from server.usecases.transactions import (
+    DATABASE_ERRORS,
+    AuditContext,
+    Transactions,
+    append_audit,
+    now_us,
+)
 
 log = logging.getLogger(__name__)
 
 # How many due destructions one pass of the scheduler reads (the rest wait for the next pass).
 DUE_BATCH = 100
-LONGEST_WAIT_SECONDS = 30.0
-DEV_LONGEST_WAIT_SECONDS = 2.0
-SHORTEST_WAIT_SECONDS = 0.005  # past the due time, so the pass finds it due
-PAST_DUE_WAIT_SECONDS = 1.0
 
 
 class Lifecycle:
     def __init__(
         self,
-        service: KeyManagementService,
+        transactions: Transactions,
+        materials: KeyMaterials,
+        wake_scheduler: Callable[[], None],
         destroy_delay_seconds: float,
         approvals: Callable[[], int] = lambda: 1,
-        min_rotation_seconds: int = 3600,
     ) -> None:
-        self._service = service
-        self.min_rotation_seconds = min_rotation_seconds
+        self._tx = transactions
+        self._materials = materials
+        self._wake_scheduler = wake_scheduler
         self._approvals = approvals  # read per call: the policy may be reloaded
         self._delay_us = int(destroy_delay_seconds * 1_000_000)
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
         # Versions whose row failed its integrity check: audited once, then left alone.
         self._refused: set[tuple[str, int]] = set()
-        self._refused_keys: set[str] = set()
 
     # Use cases
 
@@ -78,7 +74,7 @@ class Lifecycle:
         *,
         validate_only: bool = False,
     ) -> KeyVersionInfo:
-        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+        audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
         needs_approval = self._approvals() >= 2
         # A zero delay (dev mode only) destroys at once, as before scheduling existed.
         immediate = self._delay_us == 0 and not validate_only and not needs_approval
@@ -89,24 +85,22 @@ class Lifecycle:
 
         def work(repo: Repository) -> KeyVersionInfo:
             nonlocal action
-            svc._require(caller, Role.ADMIN)
+            guards.require(caller, Role.ADMIN)
             model.check_key_name(key_name)
-            svc._require_key(caller, Role.ADMIN, key_name)
+            guards.require_key(caller, Role.ADMIN, key_name)
             model.check_version(version)
             model.check_reason(reason)
             # The key first: a concurrent rotation cannot make this version active meanwhile.
-            key = svc._existing_key(repo, key_name, for_update=True)
-            row = repo.get_version(key_name, version, for_update=True)
-            if row is None:
-                raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
-            svc._refuse_if_active_or_destroyed(row, key.active_version, "destroy")
-            now = svc.now_us()
+            key = guards.existing_key(repo, key_name, for_update=True)
+            row = guards.existing_version(repo, key_name, version, for_update=True)
+            guards.refuse_if_active_or_destroyed(row, key.active_version, "destroy")
+            now = now_us()
             count = repo.backup_count(key_name, version)
             due = now + self._delay_us
             if validate_only:
                 audit.detail = f"validate only: {count} backups bound"
                 return dataclasses.replace(
-                    svc._version_info(row, key.active_version, count),
+                    version_info(row, key.active_version, count),
                     state=(
                         VersionState.PENDING_APPROVAL
                         if needs_approval
@@ -134,24 +128,24 @@ class Lifecycle:
                 row.destroy_requested_by = caller.name
                 # The replay reads the due time back from here (server.domain.state_replay).
                 audit.detail = (
-                    f"destruction due {svc.format_time_us(due)}, {count} backups bound; cancel "
+                    f"destruction due {guards.format_time_us(due)}, {count} backups bound; cancel "
                     f"before then with kmsctl cancel-destroy {key_name} {version} "
                     f"(destroy_due_us={due})"
                 )
             repo.flush()
-            return svc._version_info(row, key.active_version, count)
+            return version_info(row, key.active_version, count)
 
-        info = self._service._run(caller.name, action, audit, work, action_of=lambda: action)
+        info = self._tx.run(caller.name, action, audit, work, action_of=lambda: action)
         if immediate:
-            self._service._forget_destroyed(key_name, version)
+            self._materials.forget_destroyed(key_name, version)
         elif not validate_only:
-            self.wake()
+            self._wake_scheduler()
         return info
 
     def cancel_destruction(
         self, caller: Principal, key_name: str, version: int, reason: str
     ) -> KeyVersionInfo:
-        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+        audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
             key, row = _locked_version(repo, caller, key_name, version, reason)
@@ -166,7 +160,7 @@ class Lifecycle:
                     f"{key_name} version {version} is {row.state}: no destruction is scheduled",
                 )
             due = (
-                f"due {svc.format_time_us(row.destroy_due_us)}"
+                f"due {guards.format_time_us(row.destroy_due_us)}"
                 if row.destroy_due_us is not None
                 else "pending approval"
             )
@@ -179,15 +173,15 @@ class Lifecycle:
             row.destroy_requested_by = None
             row.destroy_approved_by = None
             repo.flush()
-            return svc._version_info(row, key.active_version, repo.backup_count(key_name, version))
+            return version_info(row, key.active_version, repo.backup_count(key_name, version))
 
-        return self._service._run(caller.name, Action.CANCEL_DESTROY, audit, work)
+        return self._tx.run(caller.name, Action.CANCEL_DESTROY, audit, work)
 
     def approve_destruction(
         self, caller: Principal, key_name: str, version: int, reason: str
     ) -> KeyVersionInfo:
         """The second admin's approval: the waiting period starts now."""
-        audit = svc.AuditContext(key_name=key_name, version=version, reason=reason[:1024])
+        audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
             key, row = _locked_version(repo, caller, key_name, version, reason)
@@ -202,21 +196,21 @@ class Lifecycle:
                     f"{caller.name} asked for the destruction of {key_name} version {version}; "
                     "a different admin must approve it",
                 )
-            due = svc.now_us() + self._delay_us
+            due = now_us() + self._delay_us
             row.state = VersionState.DESTROY_SCHEDULED
             row.destroy_due_us = due
             row.destroy_approved_by = caller.name
             # The replay reads the due time back from here (server.domain.state_replay).
             audit.detail = (
                 f"approved the destruction asked by {row.destroy_requested_by}; due "
-                f"{svc.format_time_us(due)} (destroy_due_us={due})"
+                f"{guards.format_time_us(due)} (destroy_due_us={due})"
             )
             repo.flush()
             count = repo.backup_count(key_name, version)
-            return svc._version_info(row, key.active_version, count)
+            return version_info(row, key.active_version, count)
 
-        approved = self._service._run(caller.name, Action.APPROVE_DESTROY, audit, work)
-        self.wake()
+        approved = self._tx.run(caller.name, Action.APPROVE_DESTROY, audit, work)
+        self._wake_scheduler()
         return approved
 
     # The scheduler
@@ -224,13 +218,10 @@ class Lifecycle:
     def carry_out_due(self) -> int:
         """Destroys every scheduled version that is due (as many as one batch); returns how
         many this replica destroyed."""
-        service = self._service
         try:
-            with service._sessions() as session:
-                due = Repository(session, service._integrity).due_destructions(
-                    svc.now_us(), DUE_BATCH
-                )
-        except svc.DATABASE_ERRORS as error:
+            with self._tx.sessions() as session:
+                due = Repository(session, self._tx.integrity).due_destructions(now_us(), DUE_BATCH)
+        except DATABASE_ERRORS as error:
             log.warning("the scheduler could not read due destructions: %s", type(error).__name__)
             return 0
         destroyed = 0
@@ -253,14 +244,14 @@ class Lifecycle:
         return destroyed
 
     def _destroy_if_due(self, key_name: str, version: int) -> bool:
-        audit = svc.AuditContext(key_name=key_name, version=version)
+        audit = AuditContext(key_name=key_name, version=version)
 
         def work(repo: Repository) -> bool:
             # Locked and read again: another replica may have destroyed it, or an admin
             # cancelled, since the search.
-            key = svc._existing_key(repo, key_name, for_update=True)
+            key = guards.existing_key(repo, key_name, for_update=True)
             row = repo.get_version(key_name, version, for_update=True)
-            now = svc.now_us()
+            now = now_us()
             if (
                 row is None
                 or row.state != VersionState.DESTROY_SCHEDULED
@@ -275,11 +266,11 @@ class Lifecycle:
             approval = f", approved by {row.destroy_approved_by}" if row.destroy_approved_by else ""
             audit.detail = (
                 f"scheduled destruction carried out, asked by {row.destroy_requested_by}"
-                f"{approval}, due {svc.format_time_us(row.destroy_due_us)}"
+                f"{approval}, due {guards.format_time_us(row.destroy_due_us)}"
             )
             _shred(row, now)
             repo.flush()
-            svc._append_audit(
+            append_audit(
                 repo,
                 time_us=now,
                 actor=model.SCHEDULER,
@@ -290,69 +281,13 @@ class Lifecycle:
             )
             return True
 
-        done = self._service._run(
+        done = self._tx.run(
             model.SCHEDULER, Action.DESTROY_VERSION, audit, work, audit_on_success=False
         )
         if done:
             log.info("destroyed %s version %d as scheduled", key_name, version)
-            self._service._forget_destroyed(key_name, version)
+            self._materials.forget_destroyed(key_name, version)
         return done
-
-    def start(self) -> None:
-        """Carries out what is already due, then keeps looking in a thread of its own."""
-        if self._thread is not None:
-            return
-        self._pass()
-        self._thread = threading.Thread(target=self._loop, name="kms-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def wake(self) -> None:
-        """Something was scheduled here: look again now (other replicas' changes are seen
-        within the longest wait)."""
-        self._wake.set()
-
-    def _loop(self) -> None:
-        name_os_thread()
-        while not self._stop.is_set():
-            self._wake.wait(self._seconds_to_next())
-            self._wake.clear()
-            if not self._stop.is_set():
-                self._pass()
-
-    def _seconds_to_next(self) -> float:
-        """Until the next due destruction or rotation the database knows of, within bounds:
-        an idle server looks once per longest wait (30 s; 2 s in dev mode)."""
-        longest = (
-            DEV_LONGEST_WAIT_SECONDS if self.min_rotation_seconds == 0 else LONGEST_WAIT_SECONDS
-        )
-        service = self._service
-        try:
-            with service._sessions() as session:
-                due = Repository(session, service._integrity).next_due()
-        except svc.DATABASE_ERRORS:
-            return longest
-        if due is None:
-            return longest
-        left = (due - svc.now_us()) / 1e6
-        if left <= 0:
-            # Due and still there after a pass: refused, failed, or due just now. Again soon,
-            # but not in a busy loop.
-            return min(longest, PAST_DUE_WAIT_SECONDS)
-        return min(longest, left + SHORTEST_WAIT_SECONDS)
-
-    def _pass(self) -> None:
-        try:
-            self.carry_out_due()
-            rotation_schedule.rotate_due_keys(self._service, self._refused_keys)
-        except Exception:  # a bug: keep the scheduler alive, loudly
-            log.exception("the lifecycle scheduler's pass failed")
 
 
 def _shred(row: KeyVersionRow, now: int) -> None:
@@ -367,13 +302,10 @@ def _locked_version(
 ) -> tuple[KeyRow, KeyVersionRow]:
     """What cancelling and approving check first: the admin's scope, the input, then the key
     and the version, both locked (a concurrent rotation or scheduler waits)."""
-    svc._require(caller, Role.ADMIN)
+    guards.require(caller, Role.ADMIN)
     model.check_key_name(key_name)
-    svc._require_key(caller, Role.ADMIN, key_name)
+    guards.require_key(caller, Role.ADMIN, key_name)
     model.check_version(version)
     model.check_reason(reason)
-    key = svc._existing_key(repo, key_name, for_update=True)
-    row = repo.get_version(key_name, version, for_update=True)
-    if row is None:
-        raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
-    return key, row
+    key = guards.existing_key(repo, key_name, for_update=True)
+    return key, guards.existing_version(repo, key_name, version, for_update=True)

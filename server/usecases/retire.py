@@ -13,17 +13,15 @@ When `remaining` is 0 the version's `backup_count` is 0 and destroying it loses 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from server import crypto
-from server import service as svc
 from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, InvalidArgument
 from server.domain.model import Action, Principal, Role, VersionState
-
-if TYPE_CHECKING:
-    from server.service import KeyManagementService
+from server.usecases import guards
+from server.usecases.materials import KeyMaterials
+from server.usecases.transactions import AuditContext, Transactions
 
 DEFAULT_BATCH = 500
 MAX_BATCH = 5000
@@ -38,75 +36,81 @@ class RewrapProgress:
     remaining: int  # still bound to from_version after it
 
 
-def rewrap_backups(
-    service: KeyManagementService,
-    caller: Principal,
-    key_name: str,
-    from_version: int,
-    batch_size: int,
-) -> RewrapProgress:
-    audit = svc.AuditContext(key_name=key_name, version=from_version, from_version=from_version)
+class Retirement:
+    def __init__(self, transactions: Transactions, materials: KeyMaterials) -> None:
+        self._tx = transactions
+        self._materials = materials
 
-    def work(repo: Repository) -> RewrapProgress:
-        svc._require(caller, Role.ADMIN)
-        model.check_key_name(key_name)
-        svc._require_key(caller, Role.ADMIN, key_name)
-        model.check_version(from_version, "from_version")
-        if not 0 <= batch_size <= MAX_BATCH:
-            raise InvalidArgument(
-                "BATCH_SIZE_INVALID", f"batch_size must be from 0 (default) to {MAX_BATCH}"
-            )
-        limit = batch_size or DEFAULT_BATCH
-        # The key's lock: no rotation while the batch moves backups to its active version.
-        key = svc._existing_key(repo, key_name, for_update=True)
-        source = svc._existing_version(repo, key_name, from_version)
-        to_version = key.active_version
-        if to_version is None:
-            raise FailedPrecondition(
-                "NO_ACTIVE_VERSION", f"key {key_name} has no active version to rewrap to"
-            )
-        if to_version == from_version:
-            raise FailedPrecondition(
-                "KEY_VERSION_ACTIVE",
-                f"{key_name} version {from_version} is the active version; rotate to another "
-                "version first, then retire this one",
-            )
-        if source.state == VersionState.DESTROYED or source.wrapped_material is None:
-            raise FailedPrecondition(
-                "KEY_VERSION_DESTROYED",
-                f"{key_name} version {from_version} was destroyed: its backups cannot be rewrapped",
-            )
-        audit.to_version = to_version
-        target = svc._existing_version(repo, key_name, to_version)
-        target_material = service._material(target)
-        bindings = repo.bindings_to_rewrap(key_name, from_version, limit)
-        if bindings:
-            # A disabled or scheduled version may be retired: its material is read here only.
-            old_material = service._root_key.unwrap_version_material(
-                key_name, from_version, source.wrapped_material
-            )
-            try:
-                for binding in bindings:
-                    data_key = crypto.unwrap_data_key(
-                        old_material,
-                        binding.backup_id,
-                        key_name,
-                        from_version,
-                        binding.wrapped_data_key,
-                    )
-                    binding.wrapped_data_key = crypto.wrap_data_key(
-                        target_material, binding.backup_id, key_name, to_version, data_key
-                    )
-                    binding.version = to_version
-                    repo.reseal_binding(binding)  # its MAC covers the version
-            finally:
-                crypto.wipe(old_material)
-            repo.flush()
-        remaining = repo.backup_count(key_name, from_version)
-        audit.detail = (
-            f"rewrapped {len(bindings)} backups from version {from_version} to version "
-            f"{to_version}; {remaining} remain"
-        )
-        return RewrapProgress(key_name, from_version, to_version, len(bindings), remaining)
+    def rewrap_backups(
+        self,
+        caller: Principal,
+        key_name: str,
+        from_version: int,
+        batch_size: int,
+    ) -> RewrapProgress:
+        audit = AuditContext(key_name=key_name, version=from_version, from_version=from_version)
 
-    return service._run(caller.name, Action.REWRAP_BACKUPS, audit, work)
+        def work(repo: Repository) -> RewrapProgress:
+            guards.require(caller, Role.ADMIN)
+            model.check_key_name(key_name)
+            guards.require_key(caller, Role.ADMIN, key_name)
+            model.check_version(from_version, "from_version")
+            if not 0 <= batch_size <= MAX_BATCH:
+                raise InvalidArgument(
+                    "BATCH_SIZE_INVALID", f"batch_size must be from 0 (default) to {MAX_BATCH}"
+                )
+            limit = batch_size or DEFAULT_BATCH
+            # The key's lock: no rotation while the batch moves backups to its active version.
+            key = guards.existing_key(repo, key_name, for_update=True)
+            source = guards.existing_version(repo, key_name, from_version)
+            to_version = key.active_version
+            if to_version is None:
+                raise FailedPrecondition(
+                    "NO_ACTIVE_VERSION", f"key {key_name} has no active version to rewrap to"
+                )
+            if to_version == from_version:
+                raise FailedPrecondition(
+                    "KEY_VERSION_ACTIVE",
+                    f"{key_name} version {from_version} is the active version; rotate to another "
+                    "version first, then retire this one",
+                )
+            if source.state == VersionState.DESTROYED or source.wrapped_material is None:
+                raise FailedPrecondition(
+                    "KEY_VERSION_DESTROYED",
+                    f"{key_name} version {from_version} was destroyed: its backups cannot be "
+                    "rewrapped",
+                )
+            audit.to_version = to_version
+            target = guards.existing_version(repo, key_name, to_version)
+            target_material = self._materials.of(target)
+            bindings = repo.bindings_to_rewrap(key_name, from_version, limit)
+            if bindings:
+                # A disabled or scheduled version may be retired: its material is read here only.
+                old_material = self._materials.root_key.unwrap_version_material(
+                    key_name, from_version, source.wrapped_material
+                )
+                try:
+                    for binding in bindings:
+                        data_key = crypto.unwrap_data_key(
+                            old_material,
+                            binding.backup_id,
+                            key_name,
+                            from_version,
+                            binding.wrapped_data_key,
+                        )
+                        binding.wrapped_data_key = crypto.wrap_data_key(
+                            target_material, binding.backup_id, key_name, to_version, data_key
+                        )
+                        binding.version = to_version
+                        repo.reseal_binding(binding)  # its MAC covers the version
+                finally:
+                    crypto.wipe(old_material)
+                repo.flush()
+            remaining = repo.backup_count(key_name, from_version)
+            audit.detail = (
+                f"rewrapped {len(bindings)} backups from version {from_version} to version "
+                f"{to_version}; {remaining} remain"
+            )
+            return RewrapProgress(key_name, from_version, to_version, len(bindings), remaining)
+
+        return self._tx.run(caller.name, Action.REWRAP_BACKUPS, audit, work)

@@ -85,7 +85,7 @@ def test_update_key_checks_its_caller_and_period(kms: RunningKms) -> None:
 def production_like(tmp_path: Path) -> Iterator[RunningKms]:
     """A server that is not in dev mode for the period's minimum: its settings say so."""
     running = start_kms(tmp_path / "kms")
-    running.server.service.lifecycle.min_rotation_seconds = 3600  # type: ignore[union-attr]
+    running.server.service.auto_rotation.min_period_seconds = 3600  # type: ignore[union-attr]
     try:
         yield running
     finally:

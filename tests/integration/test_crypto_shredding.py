@@ -30,7 +30,7 @@ def _service(kms: RunningKms) -> KeyManagementService:
 
 
 def _cached(kms: RunningKms, version: int) -> bytearray:
-    entry = _service(kms)._materials._entries.get((KEY, version))
+    entry = _service(kms).materials._cache._entries.get((KEY, version))
     assert entry is not None, f"version {version} is not cached"
     return entry.material
 
@@ -64,8 +64,8 @@ def test_the_destroying_process_evicts_and_wipes_the_material(kms: RunningKms) -
     material = _cached(kms, 1)
     assert any(material)
     kms.stub("admin").DestroyKeyVersion(kms_pb2.DestroyKeyVersionRequest(key_name=KEY, version=1))
-    assert (KEY, 1) not in _service(kms)._materials._entries
-    _service(kms)._materials.sweep()  # what the sweeper thread does within a second
+    assert (KEY, 1) not in _service(kms).materials._cache._entries
+    _service(kms).materials._cache.sweep()  # what the sweeper thread does within a second
     assert material == bytearray(len(material)), "the evicted buffer was not zeroed"
 
 
@@ -82,7 +82,7 @@ def test_cached_material_is_dropped_and_wiped_within_the_bound(
         while any(material) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not any(material), "cached material outlived --material-cache-seconds"
-        assert (KEY, 1) not in _service(kms)._materials._entries
+        assert (KEY, 1) not in _service(kms).materials._cache._entries
         # The next call unwraps again and works.
         assert resolve(kms.stub("restore"), "b-1").version == 1
     finally:
@@ -94,7 +94,7 @@ def test_a_zero_second_cache_keeps_nothing(tmp_path: Path) -> None:
     try:
         register(kms.stub("admin"), activate=True)
         issue(kms.stub("backup"), "b-1")
-        assert not _service(kms)._materials._entries
+        assert not _service(kms).materials._cache._entries
     finally:
         kms.close()
 
@@ -112,10 +112,10 @@ def test_a_scheduled_destruction_carried_out_by_the_scheduler_shreds_as_well(
         )
         assert any(blob in p.read_bytes() for p in kms.data_dir.rglob("*") if p.is_file())
         deadline = time.monotonic() + 20
-        while (KEY, 1) in _service(kms)._materials._entries:
+        while (KEY, 1) in _service(kms).materials._cache._entries:
             assert time.monotonic() < deadline, "the scheduler did not carry out the destruction"
             time.sleep(0.05)
-        _service(kms)._materials.sweep()
+        _service(kms).materials._cache.sweep()
         assert material == bytearray(len(material)), "the evicted buffer was not zeroed"
 
         def holding_the_blob() -> list[str]:

@@ -440,7 +440,7 @@ def test_a_pool_timeout_is_an_outage_not_an_unknown_error(tmp_path: Path) -> Non
     held = engine.connect()
     try:
         with pytest.raises(Unavailable) as raised:
-            asyncio.run(service.get_active_key(caller, "tenant", "backup-1"))
+            asyncio.run(service.data_keys.get_active_key(caller, "tenant", "backup-1"))
     finally:
         held.close()
         service.close()

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from server.domain.errors import NotFound
 from server.domain.model import Action, DataKey
-from server.service import _DataKeyRequest
+from server.usecases.data_keys import _DataKeyRequest
 from tests.conftest import RunningKms
 from tests.integration.kms_helpers import (
     KEY,
@@ -30,7 +30,7 @@ from tests.integration.kms_helpers import (
 
 def _run_batch(kms: RunningKms, requests: list[_DataKeyRequest]) -> None:
     assert kms.server.service is not None
-    kms.server.service._run_data_key_batch(requests)
+    kms.server.service.data_keys._run_batch(requests)
 
 
 def test_one_backup_id_twice_in_one_batch_gets_one_binding_and_the_same_key(

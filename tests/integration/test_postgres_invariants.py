@@ -66,7 +66,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
 
 def _register(service: KeyManagementService, key: str, versions: int) -> None:
     for number in range(1, versions + 1):
-        service.register_key_version(ADMIN, key, b"", activate_first_version=number == 1)
+        service.keys.register_key_version(ADMIN, key, b"", activate_first_version=number == 1)
 
 
 def test_the_active_version_must_be_an_existing_version_of_the_same_key(
@@ -113,7 +113,7 @@ def test_a_rotation_waits_for_whoever_holds_the_key(backend: Backend) -> None:
     finished = threading.Event()
 
     def rotate() -> None:
-        backend.service.rotate_active(ADMIN, "k", 2, 1, "waits")
+        backend.service.keys.rotate_active(ADMIN, "k", 2, 1, "waits")
         finished.set()
 
     with backend.engine.connect() as holder:
@@ -140,7 +140,7 @@ def test_concurrent_unguarded_rotations_form_one_line(backend: Backend) -> None:
         for n in range(calls // workers):
             target = (worker + n) % (versions - 1) + 2  # 2, 3 or 4
             try:
-                rotation = backend.service.rotate_active(ADMIN, "k", target, None, "race")
+                rotation = backend.service.keys.rotate_active(ADMIN, "k", target, None, "race")
             except FailedPrecondition as error:
                 assert error.reason == "ALREADY_ACTIVE"
                 continue
@@ -150,7 +150,7 @@ def test_concurrent_unguarded_rotations_form_one_line(backend: Backend) -> None:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         sequences = [s for batch in pool.map(rotate, range(workers)) for s in batch]
 
-    events = backend.service.list_audit_events(ADMIN, 1000, "", "k")[0]
+    events = backend.service.audit.list_audit_events(ADMIN, 1000, "", "k")[0]
     rotations = sorted(
         (e for e in events if e.action == "key.rotate" and e.outcome == "allowed"),
         key=lambda e: e.sequence,
@@ -159,7 +159,7 @@ def test_concurrent_unguarded_rotations_form_one_line(backend: Backend) -> None:
     assert rotations[0].from_version == 1
     for before, after in itertools.pairwise(rotations):
         assert after.from_version == before.to_version
-    assert backend.service.verify_audit_log(ADMIN).intact
+    assert backend.service.audit.verify_audit_log(ADMIN).intact
 
 
 def test_concurrent_guarded_rotations_let_exactly_one_win(backend: Backend) -> None:
@@ -167,7 +167,7 @@ def test_concurrent_guarded_rotations_let_exactly_one_win(backend: Backend) -> N
 
     def rotate(target: int) -> bool:
         try:
-            backend.service.rotate_active(ADMIN, "k", target, 1, "guarded")
+            backend.service.keys.rotate_active(ADMIN, "k", target, 1, "guarded")
         except Aborted:
             return False
         return True
@@ -175,7 +175,7 @@ def test_concurrent_guarded_rotations_let_exactly_one_win(backend: Backend) -> N
     with ThreadPoolExecutor(max_workers=8) as pool:
         wins = list(pool.map(rotate, range(2, 10)))
     assert wins.count(True) == 1
-    key = backend.service.list_keys(ADMIN, 10, "")[0][0]
+    key = backend.service.keys.list_keys(ADMIN, 10, "")[0][0]
     assert key.active_version == 2 + wins.index(True)
 
 
@@ -188,7 +188,7 @@ def test_concurrent_first_registrations_of_one_key_number_its_versions(
     def register(_: int) -> list[int]:
         barrier.wait(timeout=10)
         return [
-            backend.service.register_key_version(ADMIN, "new-key", b"", False).version
+            backend.service.keys.register_key_version(ADMIN, "new-key", b"", False).version
             for _ in range(per_thread)
         ]
 
@@ -196,10 +196,10 @@ def test_concurrent_first_registrations_of_one_key_number_its_versions(
     with ThreadPoolExecutor(max_workers=threads) as pool:
         numbers = [n for batch in pool.map(register, range(threads)) for n in batch]
     assert sorted(numbers) == list(range(1, threads * per_thread + 1))
-    listed = backend.service.list_key_versions(ADMIN, "new-key")
+    listed = backend.service.keys.list_key_versions(ADMIN, "new-key")
     assert [info.version for info in listed] == list(range(1, threads * per_thread + 1))
     assert time.monotonic() - start < 60
-    assert backend.service.verify_audit_log(ADMIN).intact
+    assert backend.service.audit.verify_audit_log(ADMIN).intact
 
 
 @pytest.mark.postgres

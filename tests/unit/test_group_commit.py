@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from server.group_commit import GroupCommitter
+from server.usecases.group_commit import GroupCommitter
 
 
 class Recorder:
