@@ -20,13 +20,13 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from server import crypto, server_keys
 from server.db.engine import sqlite_url
 from server.db.models import AuditEventRow, AuditHeadRow, BackupBindingRow, KeyRow, KeyVersionRow
 from server.db.repository import MetaStore
 from server.domain.audit_chain import event_hash
 from server.domain.integrity import SealedKey, SealedVersion
 from server.domain.model import Action, Outcome, VersionOrigin, VersionState
+from server.keystore import crypto, server_keys
 
 BATCH = 50_000
 SAMPLE_SIZE = 10_000  # bindings with a data key wrapped for real; the rest hold filler blobs

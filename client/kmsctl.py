@@ -131,7 +131,17 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
         emit_json([to_json(v) for v in versions])
         return
     print_table(
-        ["KEY", "VERSION", "STATE", "ACTIVE", "ORIGIN", "CREATED", "DESTROY TIME", "BACKUPS"],
+        [
+            "KEY",
+            "VERSION",
+            "STATE",
+            "ACTIVE",
+            "ORIGIN",
+            "CREATED",
+            "DESTROY TIME",
+            "BACKUPS",
+            "DATA KEYS WRAPPED",
+        ],
         [
             [
                 cell(v.key_name),
@@ -142,6 +152,7 @@ def print_versions(versions: Sequence[kms_pb2.KeyVersion], as_json: bool) -> Non
                 when(v.create_time),
                 when(v.destroy_time, v.HasField("destroy_time")),
                 str(v.backup_count),
+                str(v.data_keys_wrapped),
             ]
             for v in versions
         ],

@@ -20,16 +20,16 @@ from server.api.methods import SERVICE_NAME
 from server.api.observability import CallLog, CallObserver, Metrics
 from server.api.pipeline import Limits, Pipeline, PipelineServer, PublicCalls
 from server.api.servicer import KeyManagementServicer
-from server.audit_file import AuditFile, AuditSinkError
 from server.config import ServerSettings, listen_host, listen_port
 from server.db import migrate
+from server.db.audit_file import AuditFile, AuditSinkError
 from server.db.engine import make_engine
 from server.db.health import DatabaseProbe
 from server.db.models import KeyRow
 from server.event_loop import EventLoopThread
+from server.keystore.root_keys import load_keyring
 from server.policy import Policy
 from server.reload import ReloadableTls, TlsFiles, TlsFilesError, reload_policy, reload_tls
-from server.root_keys import load_keyring
 from server.service import KeyManagementService
 from server.thread_names import name_grpc_poller, name_os_thread
 
@@ -170,6 +170,7 @@ def create_server(
             material_cache_seconds=settings.material_cache_seconds,
             data_key_retry_window_seconds=settings.data_key_retry_window_seconds,
             destroy_delay_seconds=settings.destroy_delay_seconds,
+            max_data_keys_per_version=settings.max_data_keys_per_version,
             destroy_approvals=lambda: policy.policy.destroy_approvals,
             # Dev mode allows any period, so tests can rotate every few seconds.
             min_rotation_seconds=0 if settings.dev else 3600,

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.domain import model
+
 DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
@@ -64,7 +66,10 @@ class ServerSettings:
     public_max_rpcs_per_connection: int = 4
     # The waiting period of DestroyKeyVersion (server.usecases.lifecycle).
     destroy_delay_seconds: int = DEFAULT_DESTROY_DELAY_SECONDS
-    # Root keys beyond --root-key-file (server.root_keys): a file path or a pkcs11: URI each.
+    # Rotation by use (server.usecases.auto_rotation).
+    max_data_keys_per_version: int = model.DEFAULT_MAX_DATA_KEYS_PER_VERSION
+    # Root keys beyond --root-key-file (server.keystore.root_keys): a file path or a pkcs11:
+    # URI each.
     root_key: str | None = None
     previous_root_keys: tuple[str, ...] = ()
     pkcs11_module: Path | None = None
@@ -161,6 +166,13 @@ _SETTINGS: list[tuple[str, str, str]] = [
         "KMS_DESTROY_DELAY",
         "how long a destroyed key version waits, cancellable, before it is crypto-shredded: "
         "30s, 15m, 24h, 7d; at least 24h unless --dev (default 7d)",
+    ),
+    (
+        "--max-data-keys-per-version",
+        "KMS_MAX_DATA_KEYS_PER_VERSION",
+        "how many data keys one key version may wrap; the key is rotated before its active "
+        f"version reaches it, {model.MIN_DATA_KEYS_PER_VERSION} to 2^31 "
+        "(default 2^30 = 1073741824)",
     ),
     (
         "--material-cache-seconds",
@@ -270,15 +282,16 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             return False
         return raw in ("1", "true", "yes")
 
-    def number(flag: str, env: str, default: int, maximum: int) -> int:
+    def number(flag: str, env: str, default: int, maximum: int, minimum: int = 1) -> int:
         raw = value(flag, env)
         if raw is None:
             return default
         # ASCII digits only: str.isdigit() also takes "٣" and "²".
-        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= maximum:
+        if not (raw.isascii() and raw.isdigit()) or not minimum <= int(raw) <= maximum:
             also = " or auto" if flag == "--processes" else ""
             problems.append(
-                f"{flag} / {env} must be a whole number from 1 to {maximum}{also}, not {raw!r}"
+                f"{flag} / {env} must be a whole number from {minimum} to {maximum}{also}, "
+                f"not {raw!r}"
             )
             return default
         return int(raw)
@@ -422,6 +435,13 @@ def load(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerSettings
             MAX_CONCURRENT_RPCS,
         ),
         destroy_delay_seconds=destroy_delay_seconds,
+        max_data_keys_per_version=number(
+            "--max-data-keys-per-version",
+            "KMS_MAX_DATA_KEYS_PER_VERSION",
+            model.DEFAULT_MAX_DATA_KEYS_PER_VERSION,
+            model.MAX_DATA_KEYS_PER_VERSION,
+            model.MIN_DATA_KEYS_PER_VERSION,
+        ),
         root_key=value("--root-key", "KMS_ROOT_KEY") or None,
         previous_root_keys=tuple(
             getattr(args, "previous_root_key_file", None)
@@ -480,7 +500,8 @@ def check_files(settings: ServerSettings, *, migrating: bool = False) -> None:
                 f"(mkdir -m 700 {directory}) or start once with --dev"
             )
     if not migrating:
-        # --root-key (a pkcs11: URI or a file) replaces --root-key-file: server.root_keys checks it.
+        # --root-key (a pkcs11: URI or a file) replaces --root-key-file: server.keystore.root_keys
+        # checks it.
         root_key_file = settings.root_key_file if settings.root_key is None else None
         files = [
             (

@@ -7,8 +7,8 @@ import secrets
 from pathlib import Path
 
 from server.config import ServerSettings
-from server.crypto import RootKey
 from server.domain.model import Role
+from server.keystore.crypto import RootKey
 from server.policy import hash_token
 
 

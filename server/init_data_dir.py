@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.crypto import RootKey
+from server.keystore.crypto import RootKey
 
 POLICY_TEMPLATE = """\
 # kms-server policy: who may call, and in which roles (admin, backup, restore, auditor).

@@ -25,7 +25,7 @@ from server.api.observability import (
     LogWriter,
 )
 from server.app import StartupError, create_server, open_database
-from server.crypto import RootKeyError
+from server.keystore.crypto import RootKeyError
 from server.policy import PolicyError
 from server.signals import ServerSignals
 

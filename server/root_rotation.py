@@ -19,13 +19,13 @@ from sqlalchemy import ColumnElement, Engine, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from server import crypto, root_keys, server_keys
 from server.config import ServerSettings
 from server.db.engine import make_sessionmaker
 from server.db.models import KeyVersionRow
 from server.db.repository import Integrity, Repository
 from server.domain.errors import KmsError
 from server.domain.model import Action, Outcome
+from server.keystore import crypto, root_keys, server_keys
 
 DEFAULT_BATCH_SIZE = 100
 ACTOR = "system:rewrap-root-keys"
@@ -185,7 +185,7 @@ def _retrying(sessions: Callable[[], Session], work: Callable[[Session], T]) -> 
 def run(settings: ServerSettings, batch_size: int) -> int:
     """The `kms-server rewrap-root-keys` command, with the servers' own settings and keys."""
     from server.app import open_database
-    from server.audit_file import AuditFile, AuditSinkError
+    from server.db.audit_file import AuditFile, AuditSinkError
     from server.service import KeyManagementService
 
     keyring = root_keys.load_keyring(settings)

@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine
 
-from server import crypto, server_keys
-from server.material_cache import DEFAULT_MAX_AGE_SECONDS
-from server.server_keys import AuditSink, ServerKeys
+from server.domain import model
+from server.keystore import crypto, server_keys
+from server.keystore.material_cache import DEFAULT_MAX_AGE_SECONDS
+from server.keystore.server_keys import AuditSink, ServerKeys
 from server.usecases.audit_log import AuditLog
 from server.usecases.auto_rotation import MIN_PERIOD_SECONDS, AutoRotation
 from server.usecases.backups import Backups
@@ -43,6 +44,7 @@ class KeyManagementService:
         destroy_delay_seconds: float = 0.0,
         destroy_approvals: Callable[[], int] = lambda: 1,
         min_rotation_seconds: int = MIN_PERIOD_SECONDS,
+        max_data_keys_per_version: int = model.DEFAULT_MAX_DATA_KEYS_PER_VERSION,
     ) -> None:
         # A lone RootKey is a keyring of one (tests, tools).
         self._root_key = crypto.as_keyring(root_key)
@@ -54,19 +56,24 @@ class KeyManagementService:
         # more often.
         self.scheduler = Scheduler(self.transactions, dev=min_rotation_seconds == 0)
         wake = self.scheduler.wake
+        self.auto_rotation = AutoRotation(
+            self.transactions, self.materials, wake, min_period_seconds=min_rotation_seconds
+        )
+        bound = max_data_keys_per_version
         self.keys = KeyVersions(self.transactions, self.materials)
         self.data_keys = DataKeys(
-            self.transactions, self.materials, retry_window_seconds=data_key_retry_window_seconds
+            self.transactions,
+            self.materials,
+            lambda key_name, wanted: self.auto_rotation.rotate_for_use(key_name, wanted, bound),
+            retry_window_seconds=data_key_retry_window_seconds,
+            max_data_keys_per_version=bound,
         )
         self.audit = AuditLog(self.transactions, lambda: self.server_keys)
         self.lifecycle = Lifecycle(
             self.transactions, self.materials, wake, destroy_delay_seconds, destroy_approvals
         )
         self.backups = Backups(self.transactions)
-        self.retirement = Retirement(self.transactions, self.materials)
-        self.auto_rotation = AutoRotation(
-            self.transactions, self.materials, wake, min_period_seconds=min_rotation_seconds
-        )
+        self.retirement = Retirement(self.transactions, self.materials, self.auto_rotation, bound)
         self.scheduler.add_pass(self.lifecycle.carry_out_due)
         self.scheduler.add_pass(self.auto_rotation.rotate_due_keys)
 

@@ -33,7 +33,7 @@ from sqlalchemy import Engine
 from server import config
 from server.api.observability import ActiveVersionCollector
 from server.app import StartupError, active_versions, open_database, refuse_port_in_use
-from server.root_keys import load_keyring
+from server.keystore.root_keys import load_keyring
 from server.service import KeyManagementService
 from server.signals import ServerSignals
 

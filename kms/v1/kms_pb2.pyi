@@ -138,6 +138,7 @@ class KeyVersion(_message.Message):
     DESTROY_REQUESTED_BY_FIELD_NUMBER: _builtins.int
     BACKUP_COUNT_FIELD_NUMBER: _builtins.int
     DESTROY_APPROVED_BY_FIELD_NUMBER: _builtins.int
+    DATA_KEYS_WRAPPED_FIELD_NUMBER: _builtins.int
     key_name: _builtins.str
     """The name of the key this version belongs to."""
     version: _builtins.int
@@ -157,6 +158,11 @@ class KeyVersion(_message.Message):
     """
     destroy_approved_by: _builtins.str
     """The second admin who approved the destruction (two-person rule); empty otherwise."""
+    data_keys_wrapped: _builtins.int
+    """How many data keys this version's material has wrapped (GetActiveKey, and
+    RewrapBackups onto it). The key is rotated before its active version passes the
+    server's --max-data-keys-per-version.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the version was registered."""
@@ -180,10 +186,11 @@ class KeyVersion(_message.Message):
         destroy_requested_by: _builtins.str = ...,
         backup_count: _builtins.int = ...,
         destroy_approved_by: _builtins.str = ...,
+        data_keys_wrapped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "destroy_time", b"destroy_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "destroy_approved_by", b"destroy_approved_by", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "backup_count", b"backup_count", "create_time", b"create_time", "data_keys_wrapped", b"data_keys_wrapped", "destroy_approved_by", b"destroy_approved_by", "destroy_requested_by", b"destroy_requested_by", "destroy_time", b"destroy_time", "key_name", b"key_name", "origin", b"origin", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

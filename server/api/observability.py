@@ -30,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.api.errors import CallAborted
-from server.crypto import random_bytes
+from server.keystore.crypto import random_bytes
 from server.thread_names import name_os_thread
 
 log = logging.getLogger(__name__)

@@ -395,6 +395,7 @@ def _key_version(info: KeyVersionInfo) -> kms_pb2.KeyVersion:
     message.destroy_requested_by = info.destroy_requested_by or ""
     message.destroy_approved_by = info.destroy_approved_by or ""
     message.backup_count = info.backup_count or 0
+    message.data_keys_wrapped = info.data_keys_wrapped
     return message
 
 

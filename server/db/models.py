@@ -83,6 +83,10 @@ class KeyVersionRow(Base):
     destroy_due_us: Mapped[int | None] = mapped_column(BigInteger)
     destroy_requested_by: Mapped[str | None] = mapped_column(String(256))
     destroy_approved_by: Mapped[str | None] = mapped_column(String(256))  # the second admin
+    # How many data keys this version's material has wrapped (AES-GCM with random nonces must
+    # stay well below 2^32 per key): the key is rotated before it reaches the server's
+    # --max-data-keys-per-version. Under the row's MAC.
+    data_keys_wrapped: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     state_sequence: Mapped[int | None] = mapped_column(BigInteger)  # as on KeyRow
     mac: Mapped[str | None] = mapped_column(String(64))
 

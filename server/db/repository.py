@@ -40,7 +40,7 @@ class Integrity:
 
 class MetaStore:
     """Deployment facts and the audit head: all that start-up needs before the server's
-    keys are open (`server.server_keys`)."""
+    keys are open (`server.keystore.server_keys`)."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
@@ -334,6 +334,30 @@ class DataKeyStore:
         rows = self._run.rows(self._sql.active_versions(len(key_names)), tuple(key_names))
         return [ActiveVersionFacts.from_row(row) for row in rows]
 
+    def lock_version(self, key_name: str, version: int) -> VersionFacts | None:
+        """A version's facts as they are now, its row locked until commit (PostgreSQL; SQLite's
+        transaction holds the write lock already), its MAC checked."""
+        rows = self._run.rows(self._sql.lock_version, (key_name, version))
+        if not rows:
+            return None
+        facts = VersionFacts(*rows[0])
+        self._integrity.state.check(facts.sealed(key_name, version), facts.mac)
+        return facts
+
+    def count_wrapped(
+        self, key_name: str, version: int, facts: VersionFacts, wrapped: int, sequence: int
+    ) -> None:
+        """Adds `wrapped` to a locked version's count of wrapped data keys, naming audit event
+        `sequence` as its last change, under a new MAC."""
+        changed = facts._replace(
+            data_keys_wrapped=facts.data_keys_wrapped + wrapped, state_sequence=sequence
+        )
+        mac = self._integrity.state.seal(changed.sealed(key_name, version))
+        self._run.run(
+            self._sql.count_wrapped,
+            (changed.data_keys_wrapped, sequence, mac, key_name, version),
+        )
+
     def add_bindings(self, bindings: Sequence[Mapping[str, Any]]) -> None:
         """Inserts bindings, each under its MAC (the columns of `_BINDING_COLUMNS` but `mac`)."""
         if not bindings:
@@ -434,6 +458,16 @@ class _DriverSql:
             f"UPDATE audit_head SET sequence = {self.mark}, event_hash = {self.mark},"
             f" mac = {self.mark} WHERE id = 1"
         )
+        facts = _VERSION_FACTS.replace("v.", "")
+        self.lock_version = (
+            f"SELECT {facts} FROM key_versions"
+            f" WHERE key_name = {self.mark} AND version = {self.mark}{lock}"
+        )
+        self.count_wrapped = (
+            f"UPDATE key_versions SET data_keys_wrapped = {self.mark},"
+            f" state_sequence = {self.mark}, mac = {self.mark}"
+            f" WHERE key_name = {self.mark} AND version = {self.mark}"
+        )
         self._inserts: dict[tuple[str, int], str] = {}
 
     def insert(self, table: str, columns: Sequence[str], count: int) -> str:
@@ -471,7 +505,7 @@ class _DriverSql:
 # A version's columns that its MAC covers, as the hot path reads them (see VersionFacts).
 _VERSION_FACTS = (
     "v.state, v.wrapped_material, v.origin, v.created_us, v.destroyed_us, v.state_sequence, v.mac,"
-    " v.destroy_due_us, v.destroy_requested_by, v.destroy_approved_by"
+    " v.destroy_due_us, v.destroy_requested_by, v.destroy_approved_by, v.data_keys_wrapped"
 )
 
 
@@ -491,6 +525,7 @@ class VersionFacts(NamedTuple):
     destroy_due_us: int | None
     destroy_requested_by: str | None
     destroy_approved_by: str | None
+    data_keys_wrapped: int
 
     def sealed(self, key_name: str, version: int) -> SealedVersion:
         return SealedVersion(
@@ -505,6 +540,7 @@ class VersionFacts(NamedTuple):
             self.destroy_due_us,
             self.destroy_requested_by,
             self.destroy_approved_by,
+            self.data_keys_wrapped,
         )
 
 
@@ -596,6 +632,7 @@ def sealed_version(row: KeyVersionRow) -> SealedVersion:
         row.destroy_due_us,
         row.destroy_requested_by,
         row.destroy_approved_by,
+        row.data_keys_wrapped or 0,  # None before the row is flushed
     )
 
 

@@ -98,6 +98,8 @@ class SealedVersion:
     destroy_due_us: int | None = None
     destroy_requested_by: str | None = None
     destroy_approved_by: str | None = None
+    # How many data keys the version has wrapped (rotation by use).
+    data_keys_wrapped: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,11 @@ class StateSeal:
             row.state_sequence,
         )
         schedule = (row.destroy_due_us, row.destroy_requested_by, row.destroy_approved_by)
-        if any(part is not None for part in schedule):
+        if row.data_keys_wrapped:
+            # The count comes after the schedule, both then always: three forms of distinct
+            # lengths (8, 11 and 12 parts), which the length-prefixed encoding keeps apart.
+            parts = (*parts, *schedule, row.data_keys_wrapped)
+        elif any(part is not None for part in schedule):
             # Appended only when set, so rows sealed before scheduling existed keep their
             # MACs; the length-prefixed encoding keeps the two forms apart.
             parts = (*parts, *schedule)
@@ -186,6 +192,12 @@ class StateSeal:
             return self.version_mac(row)
         return self.binding_mac(row)
 
+    def seal(self, row: Sealed) -> str:
+        """The row's MAC, remembered as verified (the server just wrote it)."""
+        mac = self.mac(row)
+        self._remember(mac, row)
+        return mac
+
     def check(self, row: Sealed, mac: str | None) -> None:
         """Raises `IntegrityFailure` (DATA_LOSS / STATE_INTEGRITY) unless `mac` is the row's."""
         if mac is not None and self._verified.get(mac) == row:
@@ -197,6 +209,9 @@ class StateSeal:
                 f"the stored state of {_describe(row)} failed its integrity check (the row was "
                 "changed outside the server); nothing was done",
             )
+        self._remember(mac, row)
+
+    def _remember(self, mac: str, row: Sealed) -> None:
         if len(self._verified) >= self._VERIFIED_LIMIT:
             self._verified.clear()
         self._verified[mac] = row

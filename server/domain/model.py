@@ -88,6 +88,14 @@ ANONYMOUS = "anonymous"
 # The actor of what the servers do on their own (due destructions).
 SCHEDULER = "system:scheduler"
 
+# Data keys one key version may wrap before its key is rotated (rotation by use). AES-GCM
+# with random 96-bit nonces must stay well below 2^32 encryptions per key (NIST SP 800-38D).
+DEFAULT_MAX_DATA_KEYS_PER_VERSION = 2**30
+MAX_DATA_KEYS_PER_VERSION = 2**31
+# Above any batch (group commit's 256; a retirement batch is cut to the bound), so one
+# rotation always makes room for a whole batch.
+MIN_DATA_KEYS_PER_VERSION = 1000
+
 
 @dataclass(frozen=True)
 class KeyScope:
@@ -141,6 +149,7 @@ class KeyVersionInfo:
     destroy_requested_by: str | None = None
     destroy_approved_by: str | None = None
     backup_count: int | None = None  # filled in where it was counted
+    data_keys_wrapped: int = 0
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ each row's content and `state_sequence` with the last event that changed it catc
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,21 @@ Schedule = tuple[int | None, str | None, str | None]
 _NO_SCHEDULE: Schedule = (None, None, None)
 
 
-def version_value(state: str, schedule: Schedule) -> str:
-    """What the replay compares of a version row: its state, and a destruction's schedule."""
-    if schedule == _NO_SCHEDULE:
-        return state
-    due_us, requested_by, approved_by = schedule
-    approval = f", approved by {approved_by}" if approved_by is not None else ""
-    return f"{state} (destruction due {due_us}, asked by {requested_by}{approval})"
+def version_value(state: str, schedule: Schedule, data_keys_wrapped: int = 0) -> str:
+    """What the replay compares of a version row: its state, a destruction's schedule, and
+    how many data keys it has wrapped."""
+    value = state
+    if schedule != _NO_SCHEDULE:
+        due_us, requested_by, approved_by = schedule
+        approval = f", approved by {approved_by}" if approved_by is not None else ""
+        value = f"{state} (destruction due {due_us}, asked by {requested_by}{approval})"
+    if data_keys_wrapped:
+        value += f", {data_keys_wrapped} data keys wrapped"
+    return value
+
+
+# How an event names a version's count of wrapped data keys after it (server.usecases).
+WRAPPED_FIELD = "data_keys_wrapped"
 
 
 @dataclass
@@ -59,6 +68,8 @@ class StateReplay:
         self.keys: dict[str, _Expected] = {}
         self.versions: dict[tuple[str, int], _Expected] = {}
         self._schedules: dict[tuple[str, int], Schedule] = {}
+        self._states: dict[tuple[str, int], str] = {}
+        self._wrapped: dict[tuple[str, int], int] = {}
         self._active: dict[str, int | None] = {}
         self._rotations: dict[str, Rotation] = {}
         self.keyed_from = 0  # the event that sealed every row, when the state key was made
@@ -72,7 +83,15 @@ class StateReplay:
         if event.outcome != Outcome.ALLOWED:
             return
         sequence, name = event.sequence, event.key_name
-        if event.action == Action.START_KEYED_AUDIT:
+        if event.action == Action.ISSUE_DATA_KEY:
+            # The commonest event by far: only the text test unless it wrapped a new key.
+            if WRAPPED_FIELD in event.detail:
+                self._version(event, wrapped=_field(event, WRAPPED_FIELD))
+        elif event.action == Action.REWRAP_BACKUPS:
+            if WRAPPED_FIELD in event.detail:
+                target = dataclasses.replace(event, version=event.to_version)
+                self._version(target, wrapped=_field(event, WRAPPED_FIELD))
+        elif event.action == Action.START_KEYED_AUDIT:
             self.keyed_from = sequence
         elif event.action == Action.REGISTER_VERSION:
             activated = event.to_version == event.version
@@ -83,7 +102,7 @@ class StateReplay:
             if next_rotation is not None:
                 rotation = (rotation[0], next_rotation)
             self._key(event, event.version if activated else current, rotation)
-            self.versions[(name, event.version)] = _Expected(VersionState.ENABLED, sequence)
+            self._version(event, VersionState.ENABLED)
         elif event.action == Action.ROTATE:
             self._key(event, event.to_version)
         elif event.action == Action.UPDATE_KEY:
@@ -115,13 +134,27 @@ class StateReplay:
         self.keys[name] = _Expected(key_value(active, kept), event.sequence)
 
     def _version(
-        self, event: AuditEvent, state: VersionState, schedule: Schedule | None = None
+        self,
+        event: AuditEvent,
+        state: VersionState | None = None,
+        schedule: Schedule | None = None,
+        *,
+        wrapped: int | None = None,
     ) -> None:
+        """The event changed the version it names: its state, schedule or count, as given."""
         identity = (event.key_name, event.version)
+        if state is not None:
+            self._states[identity] = state
         if schedule is not None:
             self._schedules[identity] = schedule
-        kept = self._schedules.get(identity, _NO_SCHEDULE)
-        self.versions[identity] = _Expected(version_value(state, kept), event.sequence)
+        if wrapped is not None:
+            self._wrapped[identity] = wrapped
+        value = version_value(
+            self._states.get(identity, ""),
+            self._schedules.get(identity, _NO_SCHEDULE),
+            self._wrapped.get(identity, 0),
+        )
+        self.versions[identity] = _Expected(value, event.sequence)
 
     def problems(
         self, keys: Sequence[StoredRow], versions: Sequence[StoredRow], seal: StateSeal
@@ -158,6 +191,7 @@ class StateReplay:
                         sealed_version.destroy_requested_by,
                         sealed_version.destroy_approved_by,
                     ),
+                    sealed_version.data_keys_wrapped,
                 ),
                 sealed_version.state_sequence,
                 self.versions.get(identity),

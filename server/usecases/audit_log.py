@@ -32,7 +32,7 @@ from server.domain.model import (
     Role,
 )
 from server.domain.state_replay import StateReplay, StoredRow
-from server.server_keys import ServerKeys
+from server.keystore.server_keys import ServerKeys
 from server.usecases import guards, paging
 from server.usecases.transactions import DATABASE_ERRORS, AuditContext, Transactions, now_us
 

@@ -1,5 +1,7 @@
-"""Automatic rotation by period: `UpdateKey` sets a key's rotation period; when it falls due
-the servers register a new version and make it active, exactly once across replicas.
+"""Automatic rotation, by period and by use.
+
+By period: `UpdateKey` sets a key's rotation period; when it falls due the servers register
+a new version and make it active, exactly once across replicas.
 
 The period and the next due time are on the key row, under its MAC and in the audit replay.
 Each replica's scheduler (server.usecases.lifecycle) looks for due keys; the rotation is made
@@ -7,6 +9,13 @@ under the key's row lock (SQLite: the write lock) after re-reading the due time,
 replica that comes second finds the next time already moved and does nothing. The next
 rotation is one period after the rotation itself, so a server that was down long rotates
 once, not once per missed period. Audited as `system:scheduler`.
+
+By use: each version counts the data keys it has wrapped (server.usecases.data_keys). When a
+batch of GetActiveKey calls, or a retirement batch, would take the active version past the
+server's `--max-data-keys-per-version`, the key is rotated first (`rotate_for_use`), under
+the key's and the version's row locks after reading the count again, so of two replicas that
+both see the bound only one rotates. The bound's minimum (`model.MIN_DATA_KEYS_PER_VERSION`)
+is above the largest batch, so one rotation always makes room for a whole batch.
 """
 
 from __future__ import annotations
@@ -157,22 +166,55 @@ class AutoRotation:
             log.info("rotated %s automatically", key_name)
         return done
 
-    def _rotate(self, repo: Repository, key: KeyRow, now: int, why: str) -> int:
+    def rotate_for_use(self, key_name: str, wanted: int, bound: int) -> bool:
+        """Rotates the key if its active version cannot wrap `wanted` more data keys within
+        `bound`; returns whether this call rotated it."""
+
+        def work(repo: Repository) -> bool:
+            key = guards.existing_key(repo, key_name, for_update=True)
+            if key.active_version is None:
+                return False
+            active = guards.existing_version(repo, key_name, key.active_version, for_update=True)
+            if active.data_keys_wrapped + wanted <= bound:
+                return False  # another replica rotated it first
+            self.rotate_in(repo, key, active, bound)
+            return True
+
+        audit = AuditContext(key_name=key_name)
+        done = self._tx.run(
+            model.SCHEDULER, Action.REGISTER_VERSION, audit, work, audit_on_success=False
+        )
+        if done:
+            log.info("rotated %s: its active version reached the data-key bound", key_name)
+        return done
+
+    def rotate_in(
+        self, repo: Repository, key: KeyRow, active: KeyVersionRow, bound: int
+    ) -> KeyVersionRow:
+        """Rotation by use inside the caller's transaction (a retirement batch); returns the
+        new active version's row."""
+        why = (
+            f"automatic rotation by use: version {active.version} has wrapped "
+            f"{active.data_keys_wrapped} data keys, and the bound is {bound}"
+        )
+        return self._rotate(repo, key, now_us(), why)
+
+    def _rotate(self, repo: Repository, key: KeyRow, now: int, why: str) -> KeyVersionRow:
         """Registers a generated version and makes it active, in the caller's transaction,
         audited as `system:scheduler`; the next periodic rotation is one period from now.
-        Returns the new version."""
+        Returns the new version's row."""
         version = key.last_version + 1
-        repo.add_version(
-            KeyVersionRow(
-                key_name=key.name,
-                version=version,
-                state=VersionState.ENABLED,
-                origin=VersionOrigin.GENERATED,
-                wrapped_material=self._materials.new_wrapped(key.name, version),
-                created_us=now,
-                destroyed_us=None,
-            )
+        row = KeyVersionRow(
+            key_name=key.name,
+            version=version,
+            state=VersionState.ENABLED,
+            origin=VersionOrigin.GENERATED,
+            wrapped_material=self._materials.new_wrapped(key.name, version),
+            created_us=now,
+            destroyed_us=None,
+            data_keys_wrapped=0,
         )
+        repo.add_version(row)
         previous = key.active_version
         key.last_version = version
         key.active_version = version
@@ -201,4 +243,6 @@ class AutoRotation:
             status_code="OK",
             **asdict(audit),
         )
-        return version
+        # Sealed as changed by this event, not by whatever the caller appends next.
+        repo.seal_changed_state()
+        return row

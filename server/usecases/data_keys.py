@@ -15,6 +15,14 @@ same principal's retry within the retry window. Archive headers are plaintext, s
 id is no secret, and without this the backup role could read any backup's data key.
 ResolveKeyForBackup without a binding (lost to a database restore) may offer the archive
 header's reference: that recovery is rare and runs unbatched.
+
+Each version counts the data keys it has wrapped, once per batch: AES-GCM with random 96-bit
+nonces must stay well below 2^32 encryptions per key (NIST SP 800-38D). A batch that would
+take the active version past `max_data_keys_per_version` first has the key rotated
+(server.usecases.auto_rotation) and then runs on the new version: no call fails for it. The
+count is read again under the version's row lock before it is written, so replicas sharing
+one database add up exactly, and each GetActiveKey that wrapped a key says the count after
+it in its audit event (`data_keys_wrapped=N`), which is how the audit replay checks it.
 """
 
 from __future__ import annotations
@@ -25,18 +33,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from server import crypto
 from server.db.driver import driver_transaction
 from server.db.models import BackupBindingRow
 from server.db.repository import DataKeyStore, Repository, VersionFacts
 from server.domain import model
 from server.domain.errors import (
+    Aborted,
     AlreadyExists,
     FailedPrecondition,
     IntegrityFailure,
     InvalidArgument,
     KmsError,
     NotFound,
+    Unavailable,
 )
 from server.domain.integrity import SealedBinding
 from server.domain.model import (
@@ -49,6 +58,7 @@ from server.domain.model import (
     Role,
     VersionState,
 )
+from server.keystore import crypto
 from server.usecases import guards
 from server.usecases.group_commit import GroupCommitter
 from server.usecases.materials import KeyMaterials
@@ -68,6 +78,9 @@ from server.usecases.transactions import (
 log = logging.getLogger(__name__)
 
 DEFAULT_RETRY_WINDOW_SECONDS = 15 * 60
+# Rotates a key whose active version has no room for this many more data keys; returns
+# whether it rotated (False: another replica did first, or there was room after all).
+MakeRoom = Callable[[str, int], bool]
 
 
 @dataclass(frozen=True)
@@ -84,13 +97,17 @@ class DataKeys:
         self,
         transactions: Transactions,
         materials: KeyMaterials,
+        make_room: MakeRoom,
         *,
         retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
+        max_data_keys_per_version: int = model.DEFAULT_MAX_DATA_KEYS_PER_VERSION,
     ) -> None:
         self._tx = transactions
         self._materials = materials
+        self._make_room = make_room
         # How long the principal that made a binding may get its data key again (a retry).
         self._retry_window_us = int(retry_window_seconds * 1_000_000)
+        self._max_wrapped = max_data_keys_per_version
         self._committer = GroupCommitter(self._run_batch)
 
     def close(self) -> None:
@@ -134,25 +151,41 @@ class DataKeys:
         Every call's binding and audit event (allowed or denied) commit together;
         a call's outcome is published only after the commit.
         """
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        # Keys that could not be rotated to make room: their GetActiveKeys get this error.
+        no_room: dict[str, KmsError] = {}
+        attempt = rotations = 1
+        while True:
             try:
                 with driver_transaction(self._tx.engine) as statements:
                     store = DataKeyStore(statements, self._tx.integrity)
-                    bindings, events = self._decide(store, requests)
-                    store.add_bindings(bindings)
-                    try:
-                        store.append_audit_events(events)
-                    except AUDIT_WRITE_ERRORS as error:
-                        raise AuditWriteFailed(error) from None
+                    decided = self._decide(store, requests, no_room)
+                    store.add_bindings(decided.bindings)
+                    self._append_events_and_counts(store, decided)
                 return
+            except _NeedsRoom as needs:
+                # Rolled back: rotate, then decide again. A key still without room after a
+                # few rounds (a bug, or replicas racing without end) is refused, not looped on.
+                self._rotate_to_make_room(needs.demand, no_room, give_up=rotations == MAX_ATTEMPTS)
+                rotations += 1
+                continue
+            except _StaleRead:
+                if attempt < MAX_ATTEMPTS:
+                    attempt += 1
+                    continue
+                failure: BaseException = Aborted(
+                    "CONCURRENT_CHANGE",
+                    "the key version changed while the call ran, so nothing was done; retry",
+                )
             except AuditWriteFailed as failed:
                 if attempt < MAX_ATTEMPTS and is_transient(failed.cause):
                     back_off(attempt)
+                    attempt += 1
                     continue
-                failure: BaseException = self._tx.audit_unavailable(failed.cause)
+                failure = self._tx.audit_unavailable(failed.cause)
             except DATABASE_ERRORS as error:
                 if attempt < MAX_ATTEMPTS and is_transient(error):
                     back_off(attempt)
+                    attempt += 1
                     continue
                 failure = self._tx.unavailable(error)
             except Exception as error:  # a bug: fail every call of the batch, loudly
@@ -163,10 +196,65 @@ class DataKeys:
                 request.outcome = failure
             return
 
+    def _rotate_to_make_room(
+        self, demand: Mapping[str, int], no_room: dict[str, KmsError], *, give_up: bool
+    ) -> None:
+        for key_name, count in demand.items():
+            try:
+                if give_up:
+                    raise Unavailable(
+                        "KEY_ROTATION_PENDING",
+                        f"key {key_name} is being rotated before its active version reaches "
+                        f"{self._max_wrapped} data keys; retry",
+                    )
+                self._make_room(key_name, count)
+            except KmsError as error:
+                log.error(
+                    "%s was not rotated to keep its active version below %d data keys: %s (%s)",
+                    key_name,
+                    self._max_wrapped,
+                    error.message,
+                    error.reason,
+                )
+                no_room[key_name] = error
+
+    def _append_events_and_counts(self, store: DataKeyStore, decided: _Decided) -> None:
+        """Appends the batch's audit events, and adds what each version wrapped to its count,
+        read again under its row lock (taken before the audit head's, as every writer does)."""
+        locked: dict[tuple[str, int], VersionFacts] = {}
+        for identity in sorted(decided.wrapped):  # one order for every batch: no deadlock
+            facts = store.lock_version(*identity)
+            used = decided.versions[identity]
+            if facts is None or (facts.state, facts.wrapped_material) != (
+                used.state,
+                used.wrapped_material,
+            ):
+                raise _StaleRead()  # changed since the batch read it: decide again
+            events = decided.wrapped[identity]
+            if facts.data_keys_wrapped + len(events) > self._max_wrapped:
+                raise _NeedsRoom({identity[0]: len(events)})
+            for count, event in enumerate(events, facts.data_keys_wrapped + 1):
+                event["detail"] = f"data_keys_wrapped={count}"
+            locked[identity] = facts
+        try:
+            sequences = store.append_audit_events(decided.events)
+        except AUDIT_WRITE_ERRORS as error:
+            raise AuditWriteFailed(error) from None
+        sequence_of = {
+            id(event): sequence for event, sequence in zip(decided.events, sequences, strict=True)
+        }
+        for identity, facts in locked.items():
+            last = sequence_of[id(decided.wrapped[identity][-1])]
+            store.count_wrapped(*identity, facts, len(decided.wrapped[identity]), last)
+
     def _decide(
-        self, store: DataKeyStore, requests: Sequence[_DataKeyRequest]
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Sets each request's outcome; returns the new binding rows and the audit events."""
+        self,
+        store: DataKeyStore,
+        requests: Sequence[_DataKeyRequest],
+        no_room: Mapping[str, KmsError],
+    ) -> _Decided:
+        """Sets each request's outcome; returns the new binding rows and the audit events.
+        Raises `_NeedsRoom` when an active version cannot wrap all the keys asked of it."""
         versions: dict[tuple[str, int], _Version] = {}
         bindings: dict[str, _Binding] = {}
         for row in store.bindings_by_backup_id({r.backup_id for r in requests}):
@@ -197,18 +285,24 @@ class DataKeys:
                 versions[(active.name, active.active_version)] = self._checked_version(
                     active.name, active.active_version, active.facts
                 )
+        self._check_room(requests, bindings, actives, versions, no_room)
 
         new_bindings: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
+        wrapped: dict[tuple[str, int], list[dict[str, Any]]] = {}
         now = now_us()
         for request in requests:
             audit = AuditContext(key_name=request.key_name, backup_id=request.backup_id)
+            wrapped_under: tuple[str, int] | None = None  # a new data key: the version's count
             try:
                 if request.action is Action.ISSUE_DATA_KEY:
                     creates_binding = request.backup_id not in bindings
+                    if creates_binding and request.key_name in no_room:
+                        raise no_room[request.key_name]
                     issued = self._issue(request, bindings, actives, versions, audit, now)
                     if creates_binding:
                         new_bindings.append(_binding_row(issued, request.actor, now))
+                        wrapped_under = (issued.key_name, issued.version)
                     request.outcome = issued
                 else:
                     request.outcome = self._resolve(request, bindings, versions, audit)
@@ -229,7 +323,34 @@ class DataKeys:
                 status_code=status,
             )
             events.append(fields)
-        return new_bindings, events
+            if wrapped_under is not None:
+                wrapped.setdefault(wrapped_under, []).append(fields)
+        return _Decided(new_bindings, events, wrapped, versions)
+
+    def _check_room(
+        self,
+        requests: Sequence[_DataKeyRequest],
+        bindings: Mapping[str, _Binding],
+        actives: Mapping[str, int | IntegrityFailure | None],
+        versions: Mapping[tuple[str, int], _Version],
+        no_room: Mapping[str, KmsError],
+    ) -> None:
+        """Raises `_NeedsRoom` for the keys whose active version would pass the bound in this
+        batch (counting every new backup id asked for: an upper bound)."""
+        demand: dict[str, int] = {}
+        for request in requests:
+            if request.action is Action.ISSUE_DATA_KEY and request.backup_id not in bindings:
+                demand[request.key_name] = demand.get(request.key_name, 0) + 1
+        short: dict[str, int] = {}
+        for key_name, count in demand.items():
+            version = actives.get(key_name)
+            if key_name in no_room or not isinstance(version, int):
+                continue
+            active = versions[(key_name, version)]
+            if active.data_keys_wrapped + count > self._max_wrapped:
+                short[key_name] = count
+        if short:
+            raise _NeedsRoom(short)
 
     def _checked_version(self, key_name: str, version: int, facts: VersionFacts) -> _Version:
         """The hot path's view of a version row, carrying its MAC check's failure if any."""
@@ -239,7 +360,13 @@ class DataKeys:
         except IntegrityFailure as error:
             failure = error
         return _Version(
-            key_name, version, facts.state, facts.wrapped_material, failure, facts.destroy_due_us
+            key_name,
+            version,
+            facts.state,
+            facts.wrapped_material,
+            failure,
+            facts.destroy_due_us,
+            facts.data_keys_wrapped,
         )
 
     def _issue(
@@ -465,6 +592,30 @@ class _Version:
     wrapped_material: bytes | None
     integrity_failure: IntegrityFailure | None = None  # the row failed its MAC check
     destroy_due_us: int | None = None
+    data_keys_wrapped: int = 0  # as read at the batch's start
+
+
+@dataclass
+class _Decided:
+    """What a batch decided: rows to insert, events to append, and per version the events of
+    the data keys it wrapped (each gets the count after it)."""
+
+    bindings: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    wrapped: dict[tuple[str, int], list[dict[str, Any]]]
+    versions: Mapping[tuple[str, int], _Version]
+
+
+class _NeedsRoom(Exception):
+    """Active versions that cannot wrap this many more data keys: rotate their keys first."""
+
+    def __init__(self, demand: Mapping[str, int]) -> None:
+        super().__init__("rotation needed")
+        self.demand = demand
+
+
+class _StaleRead(Exception):
+    """A version changed between the batch's read and its lock (another replica or call)."""
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class KeyVersions:
                 wrapped_material=self._materials.new_wrapped(key_name, version, imported_material),
                 created_us=created,
                 destroyed_us=None,
+                data_keys_wrapped=0,
             )
             repo.add_version(row)
             key.last_version = version
@@ -270,4 +271,5 @@ def version_info(
         destroy_requested_by=row.destroy_requested_by,
         destroy_approved_by=row.destroy_approved_by,
         backup_count=backup_count,
+        data_keys_wrapped=row.data_keys_wrapped or 0,
     )

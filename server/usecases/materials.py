@@ -7,11 +7,11 @@ import logging
 
 from sqlalchemy import Engine
 
-from server import crypto
 from server.db.engine import truncate_sqlite_wal
 from server.db.repository import Repository
 from server.domain.errors import IntegrityFailure
-from server.material_cache import MaterialCache
+from server.keystore import crypto
+from server.keystore.material_cache import MaterialCache
 from server.usecases.guards import VersionLike, require_usable
 from server.usecases.transactions import DATABASE_ERRORS
 
@@ -31,7 +31,7 @@ class KeyMaterials:
 
     def of(self, row: VersionLike) -> bytearray:
         """A usable version's unwrapped material, from the cache when its wrapped blob is known
-        (see server.material_cache for why that is safe)."""
+        (see server.keystore.material_cache for why that is safe)."""
         require_usable(row, f"{row.key_name} version {row.version} cannot be used")
         assert row.wrapped_material is not None
         material = self._cache.get(row.key_name, row.version, row.wrapped_material)

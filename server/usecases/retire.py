@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server import crypto
 from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, InvalidArgument
 from server.domain.model import Action, Principal, Role, VersionState
+from server.keystore import crypto
 from server.usecases import guards
+from server.usecases.auto_rotation import AutoRotation
 from server.usecases.materials import KeyMaterials
 from server.usecases.transactions import AuditContext, Transactions
 
@@ -37,9 +38,17 @@ class RewrapProgress:
 
 
 class Retirement:
-    def __init__(self, transactions: Transactions, materials: KeyMaterials) -> None:
+    def __init__(
+        self,
+        transactions: Transactions,
+        materials: KeyMaterials,
+        auto_rotation: AutoRotation,
+        max_data_keys_per_version: int,
+    ) -> None:
         self._tx = transactions
         self._materials = materials
+        self._auto_rotation = auto_rotation
+        self._max_wrapped = max_data_keys_per_version
 
     def rewrap_backups(
         self,
@@ -59,7 +68,8 @@ class Retirement:
                 raise InvalidArgument(
                     "BATCH_SIZE_INVALID", f"batch_size must be from 0 (default) to {MAX_BATCH}"
                 )
-            limit = batch_size or DEFAULT_BATCH
+            # Within the data-key bound, so one rotation always makes room for the batch.
+            limit = min(batch_size or DEFAULT_BATCH, self._max_wrapped)
             # The key's lock: no rotation while the batch moves backups to its active version.
             key = guards.existing_key(repo, key_name, for_update=True)
             source = guards.existing_version(repo, key_name, from_version)
@@ -80,10 +90,14 @@ class Retirement:
                     f"{key_name} version {from_version} was destroyed: its backups cannot be "
                     "rewrapped",
                 )
-            audit.to_version = to_version
-            target = guards.existing_version(repo, key_name, to_version)
-            target_material = self._materials.of(target)
+            # Locked: data-key batches add to its count of wrapped keys too.
+            target = guards.existing_version(repo, key_name, to_version, for_update=True)
             bindings = repo.bindings_to_rewrap(key_name, from_version, limit)
+            if bindings and target.data_keys_wrapped + len(bindings) > self._max_wrapped:
+                target = self._auto_rotation.rotate_in(repo, key, target, self._max_wrapped)
+                to_version = target.version
+            audit.to_version = to_version
+            target_material = self._materials.of(target)
             if bindings:
                 # A disabled or scheduled version may be retired: its material is read here only.
                 old_material = self._materials.root_key.unwrap_version_material(
@@ -105,12 +119,16 @@ class Retirement:
                         repo.reseal_binding(binding)  # its MAC covers the version
                 finally:
                     crypto.wipe(old_material)
+                target.data_keys_wrapped += len(bindings)
                 repo.flush()
             remaining = repo.backup_count(key_name, from_version)
             audit.detail = (
                 f"rewrapped {len(bindings)} backups from version {from_version} to version "
                 f"{to_version}; {remaining} remain"
             )
+            if bindings:
+                # The replay reads the target's count back from here (server.domain.state_replay).
+                audit.detail += f" (data_keys_wrapped={target.data_keys_wrapped})"
             return RewrapProgress(key_name, from_version, to_version, len(bindings), remaining)
 
         return self._tx.run(caller.name, Action.REWRAP_BACKUPS, audit, work)

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from server.audit_file import AuditSinkError
+from server.db.audit_file import AuditSinkError
 from server.db.engine import make_sessionmaker
 from server.db.repository import Integrity, Repository
 from server.domain import model

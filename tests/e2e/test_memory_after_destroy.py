@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from kms.v1 import kms_pb2, kms_pb2_grpc
-from server.crypto import RootKey
+from server.keystore.crypto import RootKey
 from tests.conftest import REPO, child_environment
 
 KEY = "shredded"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from server import crypto
+from server.keystore import crypto
 from tests.conftest import REPO, RunningKms, child_environment
 from tests.integration.kms_helpers import database, issue, resolve
 

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, create_engine, text
 
 from kms.v1 import kms_pb2
 from kms_audit.chain import HASHED_FIELDS, event_hash
-from server.crypto import RootKeyError
+from server.keystore.crypto import RootKeyError
 from tests.conftest import RunningKms, start_kms
 from tests.integration.hardening_support import metric, scrape, snapshot
 from tests.integration.kms_helpers import (

@@ -22,10 +22,10 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from kms.v1 import kms_pb2
-from server.crypto import RootKey
 from server.db.engine import sqlite_url
 from server.domain.errors import Unavailable
 from server.domain.model import Principal, Role
+from server.keystore.crypto import RootKey
 from server.service import KeyManagementService
 from tests.conftest import KmsStub, RunningKms, fresh_postgres_database, start_kms
 from tests.integration.cluster import (

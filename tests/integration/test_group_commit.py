@@ -49,7 +49,10 @@ def test_one_backup_id_twice_in_one_batch_gets_one_binding_and_the_same_key(
         ).scalar_one()
     assert count == 1
     issued = [e for e in all_audit_events(kms.stub("auditor")) if e.backup_id == "twice"]
-    assert [e.detail for e in issued] == ["", "repeated request: returned the existing binding"]
+    assert [e.detail for e in issued] == [
+        "data_keys_wrapped=1",
+        "repeated request: returned the existing binding",
+    ]
     assert resolve(kms.stub("restore"), "twice").data_key == first.outcome.plaintext
 
 

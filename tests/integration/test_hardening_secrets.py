@@ -22,8 +22,8 @@ from sqlalchemy import text
 
 from kms.v1 import kms_pb2
 from server.api.observability import JsonFormatter
-from server.crypto import RootKey
 from server.domain.model import DataKey
+from server.keystore.crypto import RootKey
 from tests.conftest import start_kms
 from tests.integration.kms_helpers import KEY, database, issue, register, resolve, rotate
 

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from kms.v1 import kms_pb2
-from server import crypto
+from server.keystore import crypto
 from tests.conftest import RunningKms
 from tests.integration.kms_helpers import (
     KEY,

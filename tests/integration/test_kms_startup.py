@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from kms.v1 import kms_pb2
-from server import crypto
+from server.keystore import crypto
 from tests.conftest import RunningKms, start_kms
 from tests.integration.kms_helpers import issue, register, resolve
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server import crypto
 from server.domain.errors import IntegrityFailure, Unavailable
-from server.pkcs11_root import Pkcs11RootKey
+from server.keystore import crypto
+from server.keystore.pkcs11_root import Pkcs11RootKey
 from tests.conftest import RunningKms, start_kms
 from tests.integration.kms_helpers import (
     expect_error,

@@ -26,12 +26,12 @@ import pytest
 from sqlalchemy import Engine, exc, select, text
 from sqlalchemy.engine import make_url
 
-from server.crypto import RootKey
 from server.db import migrate
 from server.db.engine import make_engine, sqlite_url
 from server.db.models import KeyRow
 from server.domain.errors import Aborted, FailedPrecondition
 from server.domain.model import Principal, Role
+from server.keystore.crypto import RootKey
 from server.service import KeyManagementService
 from tests.conftest import fresh_postgres_database
 

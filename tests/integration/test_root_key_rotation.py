@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from kms.v1 import kms_pb2
-from server import crypto
-from server.root_keys import load_keyring
+from server.keystore import crypto
+from server.keystore.root_keys import load_keyring
 from server.root_rotation import rewrap_root_keys
 from tests.conftest import RunningKms, start_kms
 from tests.integration.kms_helpers import (
@@ -28,6 +28,7 @@ from tests.integration.kms_helpers import (
     rotate,
     verify,
 )
+from tests.integration.legacy_fixture import legacy_data_dir
 from tests.integration.root_key_support import (
     DataKeyLoad,
     check_value_names,
@@ -36,7 +37,6 @@ from tests.integration.root_key_support import (
     rewrap,
     root_key_ids_of_blobs,
 )
-from tests.integration.test_keyed_audit_migration import _legacy_data_dir
 
 KEYS = ("tenant-a", "tenant-b", "tenant-c")
 
@@ -257,7 +257,7 @@ def test_two_replicas_on_postgres_serve_through_a_rotation_and_restart_with_the_
 def test_a_database_from_before_key_ids_rotates_off_its_format_1_root_key(
     tmp_path: Path,
 ) -> None:
-    data_dir = _legacy_data_dir(tmp_path)
+    data_dir = legacy_data_dir(tmp_path)
     old = data_dir / "root.key"
     new = new_root_key_file(tmp_path / "new.key")
     shutil.copy(old, tmp_path / "old.key")

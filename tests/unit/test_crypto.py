@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from server import crypto
 from server.domain.errors import IntegrityFailure
+from server.keystore import crypto
 
 MATERIAL = bytes(range(32))
 

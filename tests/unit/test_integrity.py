@@ -9,7 +9,7 @@ import pytest
 
 from server.domain.errors import IntegrityFailure
 from server.domain.integrity import SealedKey, SealedVersion, StateSeal
-from server.material_cache import MaterialCache
+from server.keystore.material_cache import MaterialCache
 
 SEAL = StateSeal(b"s" * 32)
 KEY = SealedKey("tenant-a", 2, 3, 1_700_000_000, 41)
@@ -46,6 +46,17 @@ def test_none_and_zero_are_different_values() -> None:
     none = dataclasses.replace(KEY, active_version=None)
     zero = dataclasses.replace(KEY, active_version=0)
     assert SEAL.key_mac(none) != SEAL.key_mac(zero)
+
+
+def test_a_count_of_wrapped_data_keys_is_covered_once_there_is_one() -> None:
+    """Rows sealed before versions counted keep their MACs; a count, with or without a
+    scheduled destruction, gives a MAC of its own."""
+    assert dataclasses.replace(VERSION, data_keys_wrapped=0) == VERSION
+    counted = dataclasses.replace(VERSION, data_keys_wrapped=7)
+    scheduled = dataclasses.replace(counted, destroy_due_us=5, destroy_requested_by="admin")
+    macs = {SEAL.version_mac(row) for row in (VERSION, counted, scheduled)}
+    assert len(macs) == 3
+    SEAL.check(counted, SEAL.seal(counted))  # what the server writes, it reads back
 
 
 def test_a_valid_pair_is_remembered_but_never_a_different_row_under_the_same_mac() -> None:

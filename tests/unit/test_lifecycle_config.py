@@ -1,4 +1,5 @@
-"""--destroy-delay: durations, the default, and the 24-hour minimum outside dev mode."""
+"""--destroy-delay: durations, the default, and the 24-hour minimum outside dev mode.
+--max-data-keys-per-version: its default and its range."""
 
 from __future__ import annotations
 
@@ -38,3 +39,19 @@ def test_outside_dev_mode_the_delay_is_at_least_a_day(tmp_path: Path) -> None:
 def test_a_malformed_delay_is_refused_naming_the_setting(tmp_path: Path, raw: str) -> None:
     with pytest.raises(ConfigError, match="--destroy-delay"):
         parse("--dev", "--data-dir", str(tmp_path), KMS_DESTROY_DELAY=raw)
+
+
+def test_a_version_wraps_at_most_two_to_the_thirty_data_keys_by_default(tmp_path: Path) -> None:
+    assert parse("--dev", "--data-dir", str(tmp_path)).max_data_keys_per_version == 2**30
+    settings = parse("--dev", "--data-dir", str(tmp_path), KMS_MAX_DATA_KEYS_PER_VERSION="1000")
+    assert settings.max_data_keys_per_version == 1000
+
+
+# The last: fullwidth digits, which str.isdigit() takes.
+@pytest.mark.parametrize("raw", ["999", "0", str(2**31 + 1), "1e6", "-5", "", "\uff11" * 4])
+def test_a_data_key_bound_out_of_range_is_refused_naming_the_setting(
+    tmp_path: Path, raw: str
+) -> None:
+    expected = r"--max-data-keys-per-version .* from 1000 to 2147483648"
+    with pytest.raises(ConfigError, match=expected):
+        parse("--dev", "--data-dir", str(tmp_path), "--max-data-keys-per-version", raw)

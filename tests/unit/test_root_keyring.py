@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server import crypto
 from server.domain.errors import IntegrityFailure
-from server.pkcs11_root import parse_uri
+from server.keystore import crypto
+from server.keystore.pkcs11_root import parse_uri
 
 MATERIAL = b"v" * 32
 

@@ -19,9 +19,9 @@ from google.protobuf import message
 from kms.v1 import kms_pb2
 from server.api.errors import CallAborted
 from server.api.servicer import KeyManagementServicer
-from server.crypto import RootKey, new_key_material
 from server.db.engine import make_engine, sqlite_url
 from server.db.migrate import upgrade
+from server.keystore.crypto import RootKey, new_key_material
 from server.service import KeyManagementService
 
 SERVICE = kms_pb2.DESCRIPTOR.services_by_name["KeyManagementService"]

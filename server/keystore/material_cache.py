@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from server.crypto import wipe
+from server.keystore.crypto import wipe
 
 DEFAULT_MAX_AGE_SECONDS = 60.0
 MAX_ENTRIES = 4096  # 32 bytes of material each

@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server.config import ServerSettings
-from server.crypto import RootKey, RootKeyError, RootKeyring
 from server.db.models import ServerMetaRow
 from server.db.repository import Repository
 from server.domain.model import Action, Outcome
+from server.keystore.crypto import RootKey, RootKeyError, RootKeyring
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def load_root_key(entry: str, settings: ServerSettings) -> RootKey:
     """A file path, or a PKCS#11 URI (then the key stays in the token)."""
     if not entry.startswith(PKCS11_SCHEME):
         return RootKey.load(Path(entry))
-    from server import pkcs11_root  # python-pkcs11 is loaded only when an HSM key is used
+    from server.keystore import pkcs11_root  # python-pkcs11 is loaded only when an HSM key is used
 
     return pkcs11_root.Pkcs11RootKey.open(
         entry, settings.pkcs11_module, pkcs11_root.read_pin(settings)

@@ -2,7 +2,7 @@
 
 The key is an AES-256 secret key object, sensitive and non-extractable: AES-GCM runs inside
 the token (CKM_AES_GCM), so the root key never enters this process. The blob format is the
-file key's (server.crypto), so the keyring treats an HSM key like any other entry, and a
+file key's (server.keystore.crypto), so the keyring treats an HSM key like any other entry, and a
 rotation moves blobs from a file key to an HSM key or back.
 
 Named by an RFC 7512 URI: `pkcs11:token=LABEL;object=LABEL`, optionally `;id=%01%02` and
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
-from server.crypto import KEY_ID_BYTES, TAG_BYTES, RootKey, RootKeyError
 from server.domain.errors import IntegrityFailure, Unavailable
+from server.keystore.crypto import KEY_ID_BYTES, TAG_BYTES, RootKey, RootKeyError
 
 if TYPE_CHECKING:
     from server.config import ServerSettings

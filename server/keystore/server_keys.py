@@ -17,11 +17,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from kms_audit import checkpoint as checkpoints
-from server import crypto, root_keys
 from server.db.repository import Integrity, MetaStore, Repository
 from server.domain.errors import IntegrityFailure
 from server.domain.integrity import AuditMac, StateSeal
 from server.domain.model import Action, AuditCheckpoint, Outcome
+from server.keystore import crypto, root_keys
 
 # Told every audit event before its transaction commits (the --audit-file sink).
 AuditSink = Callable[[Sequence[Mapping[str, Any]]], None]

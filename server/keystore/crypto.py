@@ -143,7 +143,7 @@ def wipe(buffer: bytearray) -> None:
 
 class RootKey:
     """A key-encryption key that lives outside the database: a file (this class) or an HSM
-    object (`server.pkcs11_root.Pkcs11RootKey`). Subclasses provide `key_id`, `describe`,
+    object (`server.keystore.pkcs11_root.Pkcs11RootKey`). Subclasses provide `key_id`, `describe`,
     `_encrypt` and `_decrypt`; the blob format and associated data are the same for all."""
 
     def __init__(self, material: bytes) -> None:
