@@ -26,6 +26,7 @@ from server.usecases.data_keys import DEFAULT_RETRY_WINDOW_SECONDS, DataKeys
 from server.usecases.keys import KeyVersions
 from server.usecases.lifecycle import Lifecycle
 from server.usecases.materials import KeyMaterials
+from server.usecases.recovery import BindingRecovery
 from server.usecases.retire import Retirement
 from server.usecases.scheduler import Scheduler
 from server.usecases.transactions import Transactions, now_us
@@ -64,6 +65,7 @@ class KeyManagementService:
         self.data_keys = DataKeys(
             self.transactions,
             self.materials,
+            BindingRecovery(self.transactions, self.materials),
             lambda key_name, wanted: self.auto_rotation.rotate_for_use(key_name, wanted, bound),
             retry_window_seconds=data_key_retry_window_seconds,
             max_data_keys_per_version=bound,

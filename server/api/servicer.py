@@ -24,7 +24,7 @@ from server.domain.model import (
     VersionState,
 )
 from server.service import KeyManagementService
-from server.usecases.data_keys import BackupKeyReference
+from server.usecases.recovery import BackupKeyReference
 
 log = logging.getLogger(__name__)
 

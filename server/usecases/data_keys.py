@@ -14,7 +14,7 @@ A binding names who made it: a GetActiveKey for a bound backup id is answered on
 same principal's retry within the retry window. Archive headers are plaintext, so a backup
 id is no secret, and without this the backup role could read any backup's data key.
 ResolveKeyForBackup without a binding (lost to a database restore) may offer the archive
-header's reference: that recovery is rare and runs unbatched.
+header's reference: that recovery is rare and runs unbatched (server.usecases.recovery).
 
 Each version counts the data keys it has wrapped, once per batch: AES-GCM with random 96-bit
 nonces must stay well below 2^32 encryptions per key (NIST SP 800-38D). A batch that would
@@ -34,15 +34,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from server.db.driver import driver_transaction
-from server.db.models import BackupBindingRow
-from server.db.repository import DataKeyStore, Repository, VersionFacts
+from server.db.repository import DataKeyStore, VersionFacts
 from server.domain import model
 from server.domain.errors import (
     Aborted,
     AlreadyExists,
     FailedPrecondition,
     IntegrityFailure,
-    InvalidArgument,
     KmsError,
     NotFound,
     Unavailable,
@@ -56,12 +54,12 @@ from server.domain.model import (
     Outcome,
     Principal,
     Role,
-    VersionState,
 )
 from server.keystore import crypto
 from server.usecases import guards
 from server.usecases.group_commit import GroupCommitter
 from server.usecases.materials import KeyMaterials
+from server.usecases.recovery import BackupKeyReference, BindingRecovery
 from server.usecases.transactions import (
     AUDIT_WRITE_ERRORS,
     DATABASE_ERRORS,
@@ -83,20 +81,12 @@ DEFAULT_RETRY_WINDOW_SECONDS = 15 * 60
 MakeRoom = Callable[[str, int], bool]
 
 
-@dataclass(frozen=True)
-class BackupKeyReference:
-    """What an archive header says about its key, offered for binding recovery."""
-
-    key_name: str
-    version: int
-    wrapped_data_key: bytes
-
-
 class DataKeys:
     def __init__(
         self,
         transactions: Transactions,
         materials: KeyMaterials,
+        recovery: BindingRecovery,
         make_room: MakeRoom,
         *,
         retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
@@ -104,6 +94,7 @@ class DataKeys:
     ) -> None:
         self._tx = transactions
         self._materials = materials
+        self._recovery = recovery
         self._make_room = make_room
         # How long the principal that made a binding may get its data key again (a retry).
         self._retry_window_us = int(retry_window_seconds * 1_000_000)
@@ -126,7 +117,7 @@ class DataKeys:
             return await self._in_next_batch(*_resolve_request(caller, backup_id, recovery))
         except _NeedsRecovery:
             assert recovery is not None
-            return await asyncio.to_thread(self._recover, caller, backup_id, recovery)
+            return await asyncio.to_thread(self._recovery.recover, caller, backup_id, recovery)
 
     # The batch
 
@@ -462,126 +453,6 @@ class DataKeys:
         return DataKey(
             backup_id, binding.key_name, binding.version, data_key, binding.wrapped_data_key
         )
-
-    # Recovery of a lost binding: rare, so one transaction of its own
-
-    def _recover(self, caller: Principal, backup_id: str, recovery: BackupKeyReference) -> DataKey:
-        """ResolveKeyForBackup when the database has no binding for the backup (rare: unbatched)."""
-        audit = AuditContext(backup_id=backup_id)
-        action = Action.RECOVER_BINDING
-
-        def work(repo: Repository) -> DataKey:
-            nonlocal action
-            binding = repo.get_binding(backup_id)
-            if binding is None:
-                return self._recover_binding(caller, repo, backup_id, recovery, audit)
-            # Recovered by a concurrent call meanwhile: an ordinary resolve now.
-            action = Action.RESOLVE_DATA_KEY
-            audit.key_name, audit.version = binding.key_name, binding.version
-            if not caller.scope(Role.RESTORE).allows(binding.key_name):
-                # Answered as a backup without a binding would be, header and all.
-                action = Action.RECOVER_BINDING
-                cause = guards.out_of_scope(caller.name, binding.key_name)
-                try:
-                    self._check_recovery(caller, repo, backup_id, recovery, AuditContext())
-                except KmsError as error:
-                    raise guards.concealed(error, cause) from None
-                raise guards.concealed(guards.unknown_backup(backup_id), cause)
-            return self._data_key_from_binding(repo, binding)
-
-        return self._tx.run(caller.name, action, audit, work, action_of=lambda: action)
-
-    def _data_key_from_binding(self, repo: Repository, binding: BackupBindingRow) -> DataKey:
-        material = self._materials.of_version(repo, binding.key_name, binding.version)
-        data_key = crypto.unwrap_data_key(
-            material,
-            binding.backup_id,
-            binding.key_name,
-            binding.version,
-            binding.wrapped_data_key,
-        )
-        return DataKey(
-            binding.backup_id,
-            binding.key_name,
-            binding.version,
-            data_key,
-            binding.wrapped_data_key,
-        )
-
-    def _recover_binding(
-        self,
-        caller: Principal,
-        repo: Repository,
-        backup_id: str,
-        ref: BackupKeyReference,
-        audit: AuditContext,
-    ) -> DataKey:
-        """Re-creates a lost binding from an archive header (database restored from a snapshot)."""
-        data_key = self._check_recovery(caller, repo, backup_id, ref, audit)
-        repo.add_binding(
-            BackupBindingRow(
-                backup_id=backup_id,
-                key_name=ref.key_name,
-                version=ref.version,
-                wrapped_data_key=ref.wrapped_data_key,
-                created_us=now_us(),
-                recovered=True,
-                created_by=caller.name,
-            )
-        )
-        audit.detail = "binding recovered from the archive header"
-        return DataKey(
-            backup_id, ref.key_name, ref.version, data_key, ref.wrapped_data_key, recovered=True
-        )
-
-    def _check_recovery(
-        self,
-        caller: Principal,
-        repo: Repository,
-        backup_id: str,
-        ref: BackupKeyReference,
-        audit: AuditContext,
-    ) -> bytes:
-        """The data key an archive header's reference unwraps to, or the refusal it gets."""
-        model.check_key_name(ref.key_name)
-        model.check_version(ref.version)
-        audit.key_name, audit.version = ref.key_name, ref.version
-        missing = (
-            f"no key is bound to backup {backup_id}, and the key version its header names "
-            f"({ref.key_name} version {ref.version}) does not exist"
-        )
-        # Out of scope: the answer a header naming a version that does not exist gets.
-        if not caller.scope(Role.RESTORE).allows(ref.key_name):
-            raise NotFound(
-                "BACKUP_NOT_FOUND",
-                missing,
-                audit_status="PERMISSION_DENIED",
-                audit_detail=guards.out_of_scope(caller.name, ref.key_name),
-            )
-        version_row = repo.get_version(ref.key_name, ref.version)
-        if version_row is None:
-            raise NotFound("BACKUP_NOT_FOUND", missing)
-        if version_row.state == VersionState.DESTROYED:
-            raise FailedPrecondition(
-                "KEY_VERSION_DESTROYED",
-                f"no key is bound to backup {backup_id} (its binding is missing, as after a "
-                f"database restore), and the version its header names, {ref.key_name} version "
-                f"{ref.version}, was destroyed: if the backup was retired to a newer version "
-                "first, only its binding can restore it; restore the database from a backup "
-                "that holds it",
-            )
-        material = self._materials.of(version_row)
-        try:
-            data_key = crypto.unwrap_data_key(
-                material, backup_id, ref.key_name, ref.version, ref.wrapped_data_key
-            )
-        except IntegrityFailure:
-            raise InvalidArgument(
-                "RECOVERY_KEY_MISMATCH",
-                f"the wrapped data key offered for backup {backup_id} was not issued for it "
-                f"under {ref.key_name} version {ref.version}",
-            ) from None
-        return data_key
 
 
 @dataclass(frozen=True)
