@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -48,6 +48,9 @@ class CallInfo:
     method: str
     request_id: str
     actor: str = "anonymous"
+    # The call's invocation metadata, read once (grpc.aio builds it anew at each read);
+    # it holds the bearer token, so never in a repr.
+    metadata: Iterable[tuple[str, Any]] = field(default=(), repr=False)
 
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("kms_call")
@@ -255,7 +258,8 @@ class CallObserver:
         finish = self._finish
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = CallInfo(method, _request_id(context.invocation_metadata() or ()))
+            metadata = context.invocation_metadata() or ()
+            call = CallInfo(method, _request_id(metadata), metadata=metadata)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             token = CURRENT_CALL.set(call)
             started = time.perf_counter()
