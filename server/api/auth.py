@@ -212,8 +212,11 @@ class Authenticator:
         self, context: grpc.aio.ServicerContext[Any, Any], call: CallInfo | None
     ) -> Principal:
         policy = self._policy.policy
-        # The observer has read the metadata already (each read builds it anew).
-        metadata = call.metadata if call is not None else context.invocation_metadata() or ()
+        # The observer has read the metadata already (each read builds it anew); a call
+        # without it (no observer) reads the context's.
+        metadata = (call.metadata if call is not None else ()) or (
+            context.invocation_metadata() or ()
+        )
         tokens = [value for key, value in metadata if key == "authorization"]
         if len(tokens) > 1:
             raise Unauthenticated("CREDENTIALS_AMBIGUOUS", "send one authorization header")
