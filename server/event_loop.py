@@ -3,6 +3,9 @@
 The rest of the process stays plain threads: the main thread waits for signals,
 the group committer and the database probe have their own, and blocking use
 cases run in the loop's default executor. They reach the loop through `run`.
+
+The loop is uvloop's: grpc.aio's dispatching, waking and resuming on it is most of a
+data-key call's CPU, and uvloop's loop does that part for less.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import uvloop
+
 from server.thread_names import name_os_thread
 
 T = TypeVar("T")
@@ -20,7 +25,7 @@ T = TypeVar("T")
 
 class EventLoopThread:
     def __init__(self, *, blocking_workers: int, name: str = "kms-event-loop") -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         # asyncio.to_thread runs here: the use cases that block on the database.
         self.loop.set_default_executor(
             ThreadPoolExecutor(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import sys
@@ -206,6 +207,7 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: Cal
     running = create_server(
         settings, upgrade_schema=settings.upgrades_own_schema, call_lines=call_lines
     )
+    settle_garbage_collector()
     address = settings.address(running.port)
     log.info("serving kms.v1 on %s (%s)", address, "TLS" if settings.uses_tls else "plaintext")
     if not supervised:  # the supervisor says it once, for all its processes
@@ -232,6 +234,21 @@ def _serve(settings: config.ServerSettings, argv: Sequence[str], call_lines: Cal
     running.stop(settings.shutdown_grace_seconds)
     log.info("stopped")
     return 0
+
+
+# Objects allocated (less those freed) between young-generation collections; the default,
+# 700, is reached every few calls under load.
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def settle_garbage_collector() -> None:
+    """Once start-up is done: what it made (modules, the policy, the engine, grpc's objects)
+    is kept out of every later collection, and the youngest generation is collected less
+    often. Cycles are still collected; a collection just has fewer objects to look at."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def _configure_logging(settings: config.ServerSettings) -> CallLog | None:

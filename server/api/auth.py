@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from server.api.errors import aborted
-from server.api.observability import CURRENT_CALL, Behaviour
+from server.api.observability import CURRENT_CALL, Behaviour, CallInfo
 from server.domain.errors import KmsError, ResourceExhausted, Unauthenticated
 from server.domain.model import ANONYMOUS, Action, Principal
 from server.policy import Policy
@@ -143,8 +143,9 @@ class Authenticator:
         limiter, limited = self._limiter, self._limited
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            call = CURRENT_CALL.get(None)
             try:
-                principal = authenticate(context)
+                principal = authenticate(context, call)
             except KmsError as error:
                 peer = peer_address(context.peer())
                 if not limiter.allow(peer):
@@ -155,7 +156,6 @@ class Authenticator:
                 except KmsError as audit_error:
                     raise aborted(audit_error) from None
                 raise aborted(error) from None
-            call = CURRENT_CALL.get(None)
             if call is not None:
                 call.actor = principal.name  # for the call's log line
             token = CURRENT_PRINCIPAL.set(principal)
@@ -208,9 +208,15 @@ class Authenticator:
                     "could not audit %s (%s): %s", summary.message, error.reason, error.message
                 )
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
+    def _authenticate(
+        self, context: grpc.aio.ServicerContext[Any, Any], call: CallInfo | None
+    ) -> Principal:
         policy = self._policy.policy
-        metadata = context.invocation_metadata() or ()
+        # The observer has read the metadata already (each read builds it anew); a call
+        # without it (no observer) reads the context's.
+        metadata = (call.metadata if call is not None else ()) or (
+            context.invocation_metadata() or ()
+        )
         tokens = [value for key, value in metadata if key == "authorization"]
         if len(tokens) > 1:
             raise Unauthenticated("CREDENTIALS_AMBIGUOUS", "send one authorization header")

@@ -19,7 +19,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
@@ -48,6 +48,9 @@ class CallInfo:
     method: str
     request_id: str
     actor: str = "anonymous"
+    # The call's invocation metadata, read once (grpc.aio builds it anew at each read);
+    # it holds the bearer token, so never in a repr.
+    metadata: Iterable[tuple[str, Any]] = field(default=(), repr=False)
 
 
 CURRENT_CALL: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("kms_call")
@@ -193,23 +196,40 @@ class JsonCallLog:
     """The line as JsonFormatter would write it, built here and queued as text on a LogWriter.
 
     What kms-server uses with JSON logs (server/main.py): a call's line skips the logging
-    record, its handlers and its formatter, about half of what the line costs, and a line
-    costs about a tenth of a data-key call's server CPU.
+    record, its handlers and its formatter. The text is assembled from a per-method
+    template, with only the per-call strings escaped (as `json` escapes them): the same
+    bytes `json` would make of the entry, at a fraction of the cost of encoding a dict.
     """
 
     def __init__(self, writer: LogWriter) -> None:
         self._lines = writer.records
         self._clock = _UtcClock()
+        # method -> (the text after the time up to the message's status, the text after
+        # the message's actor up to the actor field)
+        self._templates: dict[str, tuple[str, str]] = {}
 
     def write(self, call: CallInfo, status: str, reason: str, seconds: float, peer: str) -> None:
-        entry = {
-            "time": self._clock.format(time.time()),
-            "level": "INFO",
-            "logger": call_log.name,
-            "message": f"{call.method} {status} {call.actor}",
-            **_call_fields(call, status, reason, seconds, peer),
-        }
-        self._lines.put(_JSON.encode(entry))
+        method = call.method
+        template = self._templates.get(method)
+        if template is None:
+            template = self._templates[method] = _call_line_template(method)
+        head, middle = template
+        status_text, actor_text = _escape(status)[1:-1], _escape(call.actor)[1:-1]
+        # Keys and order as _call_fields and JsonFormatter: time, level, logger, message,
+        # method, actor, status, reason, duration_ms, request_id, peer.
+        self._lines.put(
+            f'{{"time": "{self._clock.format(time.time())}"{head}{status_text} {actor_text}'
+            f'{middle}"{actor_text}", "status": "{status_text}", "reason": {_escape(reason)}, '
+            f'"duration_ms": {float.__repr__(round(seconds * 1000, 3))}, '
+            f'"request_id": {_escape(call.request_id)}, "peer": {_escape(peer)}}}'
+        )
+
+
+def _call_line_template(method: str) -> tuple[str, str]:
+    """The fixed parts of a method's call line: level, logger, the message's start, method."""
+    escaped = _escape(method)
+    head = f', "level": "INFO", "logger": {_escape(call_log.name)}, "message": "{escaped[1:-1]} '
+    return head, f'", "method": {escaped}, "actor": '
 
 
 def _call_fields(
@@ -238,7 +258,8 @@ class CallObserver:
         finish = self._finish
 
         async def observed(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            call = CallInfo(method, _request_id(context.invocation_metadata() or ()))
+            metadata = context.invocation_metadata() or ()
+            call = CallInfo(method, _request_id(metadata), metadata=metadata)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             token = CURRENT_CALL.set(call)
             started = time.perf_counter()
@@ -352,6 +373,9 @@ class JsonFormatter(logging.Formatter):
 
 
 _JSON = json.JSONEncoder(ensure_ascii=True, default=str)
+# A str as _JSON writes it, quotes included (its C escaper); the "a b" of a message is
+# the escapes of "a" and "b" joined, as JSON escapes character by character.
+_escape = json.encoder.encode_basestring_ascii
 
 
 class _UtcClock:

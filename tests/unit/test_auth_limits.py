@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-from server.api.auth import AuthFailureLimits, FailureLimiter, peer_address
+import asyncio
+
+from server.api.auth import (
+    CURRENT_PRINCIPAL,
+    Authenticator,
+    AuthFailureLimits,
+    FailureLimiter,
+    PolicyHolder,
+    peer_address,
+)
+from server.api.observability import CURRENT_CALL, CallInfo
+from server.domain.model import Action
+from server.policy import Policy, hash_token
 
 
 class Clock:
@@ -44,3 +56,51 @@ def test_the_peer_address_drops_the_port_of_the_connection() -> None:
     assert peer_address("ipv4:127.0.0.1:51234") == "ipv4:127.0.0.1"
     assert peer_address("ipv6:[::1]:51234") == "ipv6:[::1]"
     assert peer_address("unix:/run/kms.sock") == "unix:/run/kms.sock"
+
+
+class _Context:
+    """Only what authentication reads of a grpc.aio call."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_the_caller_comes_from_the_calls_metadata_with_or_without_an_observer() -> None:
+    """The observer hands authentication the metadata it read; a call it did not see (or
+    one recorded without metadata) is authenticated from the context itself."""
+    token = "a-token-of-the-agent"
+    policy = Policy.parse(
+        {
+            "principals": {
+                "agent": {
+                    "auth": ["token"],
+                    "token_sha256": [hash_token(token)],
+                    "grants": [{"roles": ["backup"], "keys": ["*"]}],
+                }
+            }
+        }
+    )
+    metadata = (("authorization", f"Bearer {token}"),)
+
+    async def caller(request: object, context: object) -> str:
+        return CURRENT_PRINCIPAL.get().name
+
+    authenticated = Authenticator(PolicyHolder(policy), lambda *args: None).wrap(
+        Action.ISSUE_DATA_KEY, caller
+    )
+
+    async def call(recorded: CallInfo | None) -> str:
+        if recorded is not None:
+            CURRENT_CALL.set(recorded)
+        return str(await authenticated(None, _Context(metadata)))  # type: ignore[arg-type]
+
+    method = "/kms.v1.KeyManagementService/GetActiveKey"
+    assert asyncio.run(call(CallInfo(method, "r", metadata=metadata))) == "agent"
+    assert asyncio.run(call(CallInfo(method, "r"))) == "agent"
+    assert asyncio.run(call(None)) == "agent"

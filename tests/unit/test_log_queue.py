@@ -138,3 +138,57 @@ def test_a_json_call_line_is_what_the_formatter_makes_of_the_call_record(
 def _epoch(stamp: str) -> float:
     whole, _, millis = stamp.rstrip("Z").partition(".")
     return time.mktime(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
+
+
+@pytest.mark.parametrize(
+    ("method", "actor", "status", "reason", "seconds", "request_id", "peer"),
+    [
+        (
+            "/kms.v1.KeyManagementService/GetActiveKey",
+            "backup-1",
+            "OK",
+            "",
+            0.0123456,
+            "0f" * 16,
+            "ipv4:127.0.0.1:5000",
+        ),
+        ("/kms.v1.KeyManagementService/ListKeys", "anonymous", "UNAUTHENTICATED", "X", 0.0, "", ""),
+        (
+            "/odd\u00e9/M\u00e9thode \U0001f511",
+            'qu"ote\\back\nslash\t\u00fcn\u00efc\u00f8de \U0001f600',
+            "PERMISSION_DENIED",
+            "ROLE_REQUIRED",
+            3600.5,
+            'req-"7"\x00',
+            "unix:/tmp/\x1f\u2028sock",
+        ),
+        ("/kms.v1.KeyManagementService/RotateActive", "a b", "OK", "", 1e-7, "r", "ipv6:[::1]:1"),
+    ],
+)
+def test_a_json_call_line_is_byte_for_byte_what_the_formatter_writes(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    actor: str,
+    status: str,
+    reason: str,
+    seconds: float,
+    request_id: str,
+    peer: str,
+) -> None:
+    """The per-method template escapes only the per-call strings: the text must still be
+    exactly the formatter's, whatever a principal name, peer or request id holds."""
+    call = CallInfo(method, request_id, actor=actor)
+    facts = (status, reason, seconds, peer)
+    with caplog.at_level(logging.INFO, logger="kms.call"):
+        LoggingCallLog().write(call, *facts)
+    (record,) = [r for r in caplog.records if r.name == "kms.call"]
+    record.created = 1_700_000_123.456
+    expected = JsonFormatter().format(record)
+
+    writer = _writer(io.StringIO())
+    call_log = JsonCallLog(writer)
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_123.456)
+    for _ in range(2):  # the second from the method's cached template
+        call_log.write(call, *facts)
+        assert writer.records.get_nowait() == expected

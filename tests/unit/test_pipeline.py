@@ -18,7 +18,7 @@ from grpc_status import rpc_status
 
 from server.api.auth import CURRENT_PRINCIPAL, Authenticator, PolicyHolder
 from server.api.errors import abort
-from server.api.observability import CallObserver
+from server.api.observability import CallInfo, CallObserver
 from server.api.pipeline import Pipeline, PipelineServer
 from server.domain.errors import KmsError, NotFound, Unavailable
 from server.domain.model import Action
@@ -161,6 +161,14 @@ def test_a_coroutine_method_runs_on_the_loop_as_the_authenticated_principal(
     )
     assert response == b"agent"
     assert len(str(dict(call.trailing_metadata() or ())["x-request-id"])) == 32
+
+
+def test_the_calls_metadata_kept_for_authentication_shows_in_no_repr() -> None:
+    """The observer keeps the call's metadata for authentication to read; it holds the
+    bearer token, which must not reach a log line through the call's repr."""
+    metadata = (("authorization", f"Bearer {TOKEN}"), ("x-request-id", "req-1"))
+    call = CallInfo(f"{KMS}/GetActiveKey", "req-1", metadata=metadata)
+    assert TOKEN not in repr(call) and TOKEN not in str(call)
 
 
 def test_a_blocking_method_that_aborts_keeps_its_status_details_and_the_request_id(
