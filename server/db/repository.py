@@ -334,9 +334,17 @@ class DataKeyStore:
         rows = self._run.rows(self._sql.active_versions(len(key_names)), tuple(key_names))
         return [ActiveVersionFacts.from_row(row) for row in rows]
 
-    def lock_version(self, key_name: str, version: int) -> VersionFacts | None:
-        """A version's facts as they are now, its row locked until commit (PostgreSQL; SQLite's
-        transaction holds the write lock already), its MAC checked."""
+    def lock_version(
+        self, key_name: str, version: int, as_read: VersionFacts
+    ) -> VersionFacts | None:
+        """A version's facts as they are now, its row locked until commit, its MAC checked.
+
+        On SQLite what the batch read (`as_read`, checked then) is current: its transaction
+        has held the database's write lock since BEGIN IMMEDIATE. PostgreSQL reads it again
+        under a row lock, since other replicas may have changed it since.
+        """
+        if self._run.dialect_name == "sqlite":
+            return as_read
         rows = self._run.rows(self._sql.lock_version, (key_name, version))
         if not rows:
             return None

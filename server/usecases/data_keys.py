@@ -214,8 +214,8 @@ class DataKeys:
         read again under its row lock (taken before the audit head's, as every writer does)."""
         locked: dict[tuple[str, int], VersionFacts] = {}
         for identity in sorted(decided.wrapped):  # one order for every batch: no deadlock
-            facts = store.lock_version(*identity)
             used = decided.versions[identity]
+            facts = store.lock_version(*identity, used.facts)
             if facts is None or (facts.state, facts.wrapped_material) != (
                 used.state,
                 used.wrapped_material,
@@ -355,6 +355,7 @@ class DataKeys:
             version,
             facts.state,
             facts.wrapped_material,
+            facts,
             failure,
             facts.destroy_due_us,
             facts.data_keys_wrapped,
@@ -461,6 +462,7 @@ class _Version:
     version: int
     state: str
     wrapped_material: bytes | None
+    facts: VersionFacts  # as read, with its MAC
     integrity_failure: IntegrityFailure | None = None  # the row failed its MAC check
     destroy_due_us: int | None = None
     data_keys_wrapped: int = 0  # as read at the batch's start
