@@ -158,8 +158,10 @@ class ArchiveWriter:
 
     Call `close()` (or use it as a context manager) to seal the last segment; an
     archive that is not closed reads as truncated, never as complete. Segments are
-    compressed and sealed on worker threads and written to `dest` in order, from a
-    fixed set of buffers: memory stays at a few segments.
+    compressed, sealed and written to `dest` on worker threads, in order (each worker
+    waits for its segment's turn to write), from a fixed set of buffers: reading the
+    next segments overlaps sealing and writing the earlier ones, and memory stays at a
+    few segments.
     """
 
     def __init__(self, dest: Writable, header: ArchiveHeader, data_key: bytes) -> None:
@@ -175,9 +177,14 @@ class ArchiveWriter:
         self._compressors = _Compressors()
         self._raw_streak = 0  # segments stored raw in a row
         self._executor: ThreadPoolExecutor | None = None
-        self._depth = _worker_count() + 1
-        self._pool = _Pool(self._depth + 2, size, RECORD.size + size + TAG_SIZE)
-        self._pending: collections.deque[tuple[Future[memoryview], _Slot]] = collections.deque()
+        self._workers = _worker_count()
+        # One slot filling, one per worker sealing or writing, one read ahead.
+        self._pool = _Pool(self._workers + 2, size, RECORD.size + size + TAG_SIZE)
+        # Guards the pool, the write turn and the first failure; workers and the caller wait on it.
+        self._turn = threading.Condition()
+        self._next_write = 0  # the segment whose record is written next
+        self._failure: BaseException | None = None
+        self._aborted = False
         self._slot = self._acquire()
         self._fill = 0
         self._segment = 0
@@ -185,13 +192,24 @@ class ArchiveWriter:
         self.plaintext_bytes = 0
         self.stored_bytes = len(raw) + TAG_SIZE
 
-    def _seal(self, segment: int, slot: _Slot, length: int, last: bool) -> memoryview:
+    def _worth_compressing(self, segment: int) -> bool:
+        """Whether segment `segment` is sampled (and perhaps compressed) at all."""
+        return bool(self._level) and (self._raw_streak < _RAW_STREAK or segment % _RETRY == 0)
+
+    def _seal(
+        self, segment: int, slot: _Slot, length: int, last: bool, compress: bool
+    ) -> memoryview:
         plaintext: bytes | memoryview = slot.input[:length]
         flags = FLAG_LAST if last else 0
-        if self._level and length and (self._raw_streak < _RAW_STREAK or segment % _RETRY == 0):
+        if compress and length:
             compressor = _compressor(self._compressors, self._level)
             sample = plaintext[:_SAMPLE]
-            if length <= _SAMPLE or len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN:
+            # No sample while segments compress: it would only repeat what the last one said.
+            if (
+                self._raw_streak == 0
+                or length <= _SAMPLE
+                or len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN
+            ):
                 packed = compressor.compress(plaintext)
                 if len(packed) < length:  # stored raw when it does not shrink
                     plaintext, flags = packed, flags | FLAG_ZSTD
@@ -204,34 +222,76 @@ class ArchiveWriter:
         self._aead.encrypt_into(v1.segment_nonce(segment), plaintext, aad, record[RECORD.size :])
         return record
 
-    def _acquire(self) -> _Slot:
-        while (slot := self._pool.take()) is None:
-            self._emit_oldest()
-        return slot
-
-    def _emit_oldest(self) -> None:
-        future, slot = self._pending.popleft()
+    def _job(self, segment: int, slot: _Slot, length: int, last: bool) -> None:
+        """Seal one segment, then write it when the segments before it are written."""
+        record: memoryview | None = None
+        error: BaseException | None = None
         try:
-            record = future.result()
-            _write_all(self._dest, record)
-            self.stored_bytes += len(record)
-        finally:
+            if not self._aborted:
+                record = self._seal(segment, slot, length, last, compress=True)
+        except BaseException as exc:  # handed to the caller's thread, never lost
+            error = exc
+        with self._turn:
+            while self._next_write != segment:
+                self._turn.wait()
+        # Our turn: no other thread writes until _next_write moves on.
+        try:
+            if record is not None and error is None and not self._aborted:
+                _write_all(self._dest, record)
+                self.stored_bytes += len(record)
+        except BaseException as exc:
+            error = exc
+        with self._turn:
+            if error is not None and self._failure is None:
+                self._failure = error
+                self._aborted = True  # later segments are neither sealed nor written
+            self._next_write += 1
             self._pool.give(slot)
+            self._turn.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            self._closed = True
+            raise self._failure
+
+    def _acquire(self) -> _Slot:
+        with self._turn:
+            while (slot := self._pool.take()) is None:
+                self._raise_failure()
+                self._turn.wait()
+            self._raise_failure()
+            return slot
 
     def _submit(self, slot: _Slot, length: int, last: bool) -> None:
         segment = self._segment
         self._segment += 1
-        if last and not self._pending:  # no thread for a one-segment archive
-            record = self._seal(segment, slot, length, last)
-            _write_all(self._dest, record)
-            self.stored_bytes += len(record)
-            self._pool.give(slot)
+        compress = self._worth_compressing(segment)
+        if compress and not (last and segment == 0):  # no thread for a one-segment archive
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="archive")
+            self._executor.submit(self._job, segment, slot, length, last)
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
-        self._pending.append((self._executor.submit(self._seal, segment, slot, length, last), slot))
-        while len(self._pending) > (0 if last else self._depth):
-            self._emit_oldest()
+        # Sealing alone is cheap next to reading and writing: done here, it costs no hand-off
+        # between threads, which on a busy machine each wait for a time slice.
+        record = self._seal(segment, slot, length, last, compress=compress)
+        with self._turn:
+            while self._next_write != segment:
+                self._raise_failure()
+                self._turn.wait()
+            self._raise_failure()
+        _write_all(self._dest, record)
+        self.stored_bytes += len(record)
+        with self._turn:
+            self._next_write += 1
+            self._pool.give(slot)
+            self._turn.notify_all()
+
+    def _wait_written(self) -> None:
+        """Until every submitted segment is written (or one failed)."""
+        with self._turn:
+            while self._next_write < self._segment and self._failure is None:
+                self._turn.wait()
+            self._raise_failure()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed:
@@ -269,7 +329,8 @@ class ArchiveWriter:
                 spare = self._acquire()
                 count = source.readinto(spare.input[:room])
                 if not count:
-                    self._pool.give(spare)
+                    with self._turn:
+                        self._pool.give(spare)
                     break
                 self._submit(self._slot, self._fill, last=False)
                 self._slot, self._fill = spare, count
@@ -280,17 +341,17 @@ class ArchiveWriter:
     def close(self) -> None:
         if self._closed:
             return
+        self._raise_failure()
         self._closed = True
         try:
             self._submit(self._slot, self._fill, last=True)
+            self._wait_written()
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
         if self._executor is not None:
+            # Queued jobs still run (each waits for its turn), but skip their work.
             self._executor.shutdown(wait=True)
             self._executor = None
 
@@ -307,6 +368,8 @@ class ArchiveWriter:
             self.close()
         else:
             self._closed = True
+            with self._turn:
+                self._aborted = True
             self._shutdown()
 
 
