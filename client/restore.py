@@ -47,8 +47,10 @@ from client.archive_cli import (
     Interrupted,
     Progress,
     ProgressReader,
+    StagingDirectory,
     atomic_file,
     install_signal_handlers,
+    remove_stale_staging,
     silence_stdout,
 )
 from client.cli_common import (
@@ -299,7 +301,8 @@ def _restore_tree(
     includes: list[str],
     special_files: bool,
 ) -> None:
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
+    held = StagingDirectory(target)
+    staging = held.path
     try:
         if header.version == 1:
             _extract_v1_tar(reader, staging)
@@ -318,6 +321,8 @@ def _restore_tree(
     except BaseException:
         tree_format.remove_tree(str(staging))
         raise
+    finally:
+        held.release()
 
 
 def _extract_v1_tar(reader: PlaintextReader, staging: Path) -> None:
@@ -391,6 +396,8 @@ def restore(
         else:
             assert output is not None
             target = Path(output)
+            # What restores killed outright (SIGKILL, a crash) left beside their targets.
+            remove_stale_staging(target.parent, _warn)
             if header.payload_kind is PayloadKind.TREE:
                 _restore_tree(reader, header, target, force, includes or [], special_files)
             else:

@@ -235,14 +235,76 @@ def test_a_killed_restore_leaves_nothing_behind(
     child.wait(timeout=60)
     stderr = child.stderr.read() if child.stderr else b""
     if signum == signal.SIGKILL and payload == "tree":
-        # Nothing survives SIGKILL's cleanup: the hidden staging directory is left, but the
-        # target never appears.
+        # No cleanup survives SIGKILL: the staging directory is left, named for its process
+        # (the next restore here removes it), and the target never appears.
+        [left] = os.listdir(out)
+        assert left.startswith(f".restored.kms-restore-{child.pid}-")
         assert not (out / "restored").exists()
         return
     assert os.listdir(out) == []
     if signum != signal.SIGKILL:
         assert child.returncode == 130
         assert b"Traceback" not in stderr
+
+
+def _stalled_restore(server: DevServer, data: bytes, target: Path) -> subprocess.Popen[bytes]:
+    """A tree restore that got half its archive and waits for the rest, staging under way."""
+    child = subprocess.Popen(
+        command(server, "restore", "restore", "-", "-o", str(target)),
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=child_environment(),
+    )  # fmt: skip
+    assert child.stdin is not None
+    child.stdin.write(data[: len(data) // 2])
+    child.stdin.flush()
+    _wait_for(lambda: any(".kms-restore-" in name for name in os.listdir(target.parent)))
+    return child
+
+
+def test_the_next_restore_removes_what_a_sigkilled_tree_restore_left(
+    server: DevServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    archive = tmp_path / "a.kms"
+    ok(backup(server, str(src), "-o", str(archive)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".keep.kms-restore-notes").mkdir()  # not a staging name: never touched
+    child = _stalled_restore(server, archive.read_bytes(), out / "first")
+    child.kill()
+    child.wait(timeout=60)
+    [left] = [name for name in os.listdir(out) if name.startswith(".first.kms-restore-")]
+    assert left.startswith(f".first.kms-restore-{child.pid}-")
+
+    done = ok(restore(server, str(archive), "-o", str(out / "second")))
+    said = f"removed {out / left}, left by an interrupted restore (process {child.pid})"
+    assert said.encode() in done.stderr
+    assert sorted(os.listdir(out)) == [".keep.kms-restore-notes", "second"]
+    assert (out / "second" / "big").read_bytes() == (src / "big").read_bytes()
+
+
+def test_a_restore_in_progress_keeps_its_staging_directory_when_another_restore_sweeps(
+    server: DevServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    archive = tmp_path / "a.kms"
+    ok(backup(server, str(src), "-o", str(archive)))
+    data = archive.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    slow = _stalled_restore(server, data, out / "slow")
+    staged = [name for name in os.listdir(out) if ".kms-restore-" in name]
+    done = ok(restore(server, str(archive), "-o", str(out / "quick")))
+    assert b"removed" not in done.stderr
+    assert [name for name in os.listdir(out) if ".kms-restore-" in name] == staged
+    assert slow.stdin is not None
+    slow.stdin.write(data[len(data) // 2 :])
+    slow.stdin.close()
+    assert slow.wait(timeout=60) == 0
+    assert sorted(os.listdir(out)) == ["quick", "slow"]
 
 
 def test_a_broken_pipe_on_stdout_fails_without_a_traceback(
