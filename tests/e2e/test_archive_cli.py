@@ -11,11 +11,14 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from client.archive import read_header
+from client.archive import ArchiveHeader, ArchiveWriter, Compression, PayloadKind, read_header
+from client.archive import tree as tree_format
+from client.kms_client import ClientConfig, KmsClient
 from tests.conftest import REPO, child_environment
 from tests.e2e.conftest import DevServer
 from tests.tree_checker import assert_same_tree, describe, make_full_tree
@@ -370,6 +373,66 @@ def test_list_include_and_exclude(server: DevServer, tmp_path: Path) -> None:
     assert done.returncode == 1
     assert b"nothing in the archive matches --include nope" in done.stderr
     assert not (tmp_path / "none").exists()
+
+
+def write_wide_tree(server: DevServer, path: Path, count: int) -> None:
+    """A real archive (a data key from the server) of one directory holding `count` empty
+    files with 100-byte names: made in-process, far quicker than that many real files."""
+    token = server.token_file("backup").read_text().strip()
+    backup_id = str(uuid.uuid4())
+    with KmsClient(ClientConfig(addr=server.address, token=token)) as client:
+        issued = client.get_active_key(KEY, backup_id)
+    header = ArchiveHeader(backup_id=backup_id, key_name=KEY, key_version=issued.version,
+                           wrapped_data_key=issued.wrapped_data_key,
+                           payload_kind=PayloadKind.TREE, compression=Compression.ZSTD,
+                           compression_level=3)  # fmt: skip
+
+    def entry(kind: bytes, name: str) -> bytes:
+        raw = name.encode()
+        return tree_format.ENTRY.pack(kind, len(raw), 0o644, 0, 0, 0, 0, 0) + raw
+
+    with open(path, "wb") as out, ArchiveWriter(out, header, issued.data_key) as writer:
+        writer.write(entry(tree_format.DIRECTORY, ""))
+        empty = tree_format.FILE_DATA.pack(0, 0)
+        for number in range(count):
+            writer.write(entry(tree_format.FILE, f"{number:09d}-" + "x" * 90) + empty)
+        writer.write(tree_format.ENTRY.pack(tree_format.END, 0, 0, 0, 0, 0, 0, 0))
+
+
+def peak_rss_mib(server: DevServer, *args: str) -> float:
+    """Peak RSS of a kms-restore run, from wait4 in a small wrapper (not pytest's fork)."""
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "benchmarks.rusage", *command(server, "restore", "restore",
+                                                                    *args)],
+        cwd=REPO, env=child_environment(), capture_output=True, check=True, timeout=300,
+    )  # fmt: skip
+    figures = json.loads(done.stdout.decode().splitlines()[-1])
+    assert figures["returncode"] == 0, done.stderr.decode()
+    return float(figures["max_rss_kib"]) / 1024
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_list_memory_does_not_grow_with_the_number_of_entries(
+    server: DevServer, tmp_path: Path, as_json: bool
+) -> None:
+    # Both past one segment, so both runs have the same buffers and worker threads: what
+    # differs is the number of entries (held in a list, 250,000 cost some 130 MiB more).
+    few, many = tmp_path / "few.kms", tmp_path / "many.kms"
+    write_wide_tree(server, few, 50_000)
+    write_wide_tree(server, many, 250_000)
+    json_flag = ["--json"] if as_json else []
+    small = peak_rss_mib(server, "--list", str(few), *json_flag)
+    large = peak_rss_mib(server, "--list", str(many), *json_flag)
+    assert large - small < 8, (
+        f"peak RSS {small:.1f} MiB for 50,000 entries, {large:.1f} for 250,000"
+    )
+    listed = ok(restore(server, "--list", str(few), *json_flag)).stdout
+    if as_json:
+        rows = json.loads(listed)["entries"]
+        assert len(rows) == 50_001 and rows[1]["path"] == "000000000-" + "x" * 90
+    else:
+        lines = listed.decode().splitlines()
+        assert len(lines) == 50_001 and lines[-1].endswith(" 000049999-" + "x" * 90)
 
 
 def test_several_sources_make_one_tree(server: DevServer, tmp_path: Path) -> None:
