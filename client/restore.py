@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -61,6 +62,7 @@ from client.cli_common import (
     add_version,
     describe_kms_error,
     fsync_directory,
+    remove_quietly,
     run_main,
 )
 from client.kms_client import KmsClient, KmsError, add_connection_args, config_from_args
@@ -264,12 +266,37 @@ def check_target(target: Path, kind: PayloadKind, *, force: bool) -> None:
         raise RestoreError(f"{target} already exists (use --force to replace it)")
 
 
+def _exchange(staged: Path, target: Path) -> bool:
+    """Swap the two names in one step (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes  # only when replacing a target
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc 2.28+ or not Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(staged), at_fdcwd, os.fsencode(target),
+                 rename_exchange) == 0:  # fmt: skip
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem
+        return False
+    raise OSError(error, os.strerror(error), str(target))
+
+
 def _install(staged: Path, target: Path, *, force: bool) -> None:
     """Rename the verified tree into place, replacing the old target only with --force."""
     if not (target.exists() or target.is_symlink()):
         os.rename(staged, target)
     elif not force:
         raise RestoreError(f"{target} already exists (use --force to replace it)")
+    elif _exchange(staged, target):
+        # The target is never missing; the old one now has the staging name, which the next
+        # restore here removes should this process die before it does.
+        if staged.is_dir() and not staged.is_symlink():
+            tree_format.remove_tree(str(staged))
+        else:
+            remove_quietly(staged)
     else:
         # A directory cannot be replaced by one rename: move the old target aside first.
         aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -278,9 +305,9 @@ def _install(staged: Path, target: Path, *, force: bool) -> None:
             os.rename(staged, target)
         except OSError:
             os.rename(aside / "old", target)
-            shutil.rmtree(aside, ignore_errors=True)
+            tree_format.remove_tree(str(aside))
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        tree_format.remove_tree(str(aside))
     fsync_directory(target.parent)
 
 

@@ -150,6 +150,26 @@ def test_a_file_archive_never_replaces_a_directory(server: DevServer, tmp_path: 
     assert (tmp_path / "dir" / "sub" / "keep").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("old", ["tree", "file"])
+def test_force_replaces_an_old_target_whole_and_leaves_nothing_beside_it(
+    server: DevServer, tmp_path: Path, old: str
+) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "new").write_text("new tree")
+    ok(backup(server, str(tmp_path / "src"), "-o", str(tmp_path / "t.kms")))
+    out = tmp_path / "out"
+    out.mkdir()
+    if old == "tree":
+        (out / "target" / "locked").mkdir(parents=True)
+        (out / "target" / "locked" / "old").write_text("old tree")
+        (out / "target" / "locked").chmod(0o500)  # a read-only directory in the old tree
+    else:
+        (out / "target").write_text("old file")
+    ok(restore(server, str(tmp_path / "t.kms"), "-o", str(out / "target"), "--force"))
+    assert os.listdir(out) == ["target"]
+    assert os.listdir(out / "target") == ["new"]
+
+
 def test_an_archive_inside_its_source_does_not_hold_itself(
     server: DevServer, tmp_path: Path
 ) -> None:
