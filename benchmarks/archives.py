@@ -271,12 +271,14 @@ def _shell(pipeline: str) -> list[str]:
     return ["/bin/sh", "-c", pipeline]
 
 
-def _best(runs: list[ChildRun], size_bytes: int) -> dict[str, float]:
-    """The fastest of the alternating runs, with the median beside it and the highest RSS."""
+def _best(runs: list[ChildRun], size_bytes: int) -> dict[str, Any]:
+    """The fastest of the alternating runs, with the median and every run beside it, and the
+    highest RSS."""
     fastest = min(r.seconds for r in runs)
     return {
         "mb_per_s": round(size_bytes / fastest / MB, 1),
         "median_mb_per_s": round(size_bytes / statistics.median(r.seconds for r in runs) / MB, 1),
+        "runs_mb_per_s": [round(size_bytes / r.seconds / MB, 1) for r in runs],
         "seconds": round(fastest, 3),
         "peak_rss_mib": round(max(r.max_rss_kib for r in runs) / 1024, 1),
         "cpu_seconds": round(min(r.cpu_seconds for r in runs), 3),
@@ -383,11 +385,15 @@ def render_age(results: dict[str, Any]) -> str:
         return f"age comparison: {results['skipped']}"
     lines = [
         f"against age, {results['bytes'] >> 20} MiB in memory, best of {results['rounds']} "
-        "alternating runs (median in brackets), MB/s and peak RSS:"
+        "alternating runs (median in brackets), MB/s and peak RSS; the target on the best and "
+        "on the median:"
     ]
 
     def row(label: str, mine: dict[str, float], theirs: dict[str, float], other: str) -> str:
-        verdict = "met" if mine["mb_per_s"] >= theirs["mb_per_s"] else "NOT met"
+        verdict = "/".join(
+            "met" if mine[figure] >= theirs[figure] else "NOT met"
+            for figure in ("mb_per_s", "median_mb_per_s")
+        )
         return (
             f"  {label:<26} kms {mine['mb_per_s']:>7} ({mine['median_mb_per_s']}) "
             f"{mine['peak_rss_mib']:>5} MiB   {other} {theirs['mb_per_s']:>7} "

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, TextIO
 
+from client.archive.tree import remove_tree
 from client.cli_common import fsync_directory, remove_quietly
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -195,3 +198,86 @@ class FdWriter:
 
     def write(self, data: bytes | memoryview) -> int:
         return os.write(self._fd, data)
+
+
+# A tree is restored into `.NAME.kms-restore-PID-RANDOM` beside its target. The restore holds
+# an flock on that directory for as long as it lives; the kernel drops the lock when the
+# process dies however it dies (SIGKILL, a crash), so a later restore can tell an abandoned
+# staging directory (lock free) from one in progress (lock held), whatever the PID says now.
+STAGING_MARK = ".kms-restore-"
+_STAGING_NAME = re.compile(r"^\..*\.kms-restore-(\d+)-[a-z0-9_]+$", re.DOTALL)
+_NAME_KEPT = 64  # bytes of the target's name in the staging name: room for the rest
+
+
+def _lock(fd: int) -> bool | None:
+    """Take the lock: True; another process holds it: False; no locks here: None."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _still_at(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+class StagingDirectory:
+    """A new hidden directory beside `target`, locked until `release()` or this process ends."""
+
+    def __init__(self, target: Path) -> None:
+        name = os.fsdecode(os.fsencode(target.name)[:_NAME_KEPT])
+        prefix = f".{name}{STAGING_MARK}{os.getpid()}-"
+        for _ in range(10):
+            path = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            # A sweep by another restore may take it between mkdtemp and the lock: make another.
+            if _lock(fd) is not False and _still_at(path, fd):
+                self.path, self._fd = path, fd
+                return
+            os.close(fd)
+        raise OSError(f"cannot hold a staging directory in {target.parent}")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def remove_stale_staging(parent: Path, warn: Callable[[str], None]) -> None:
+    """Remove the staging directories that restores killed outright left in `parent`.
+
+    Only directories named like ours, owned by this user (any, for root) and not locked:
+    their restore is gone. One that cannot be removed is named with how to remove it.
+    """
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    euid = os.geteuid()
+    for entry in entries:
+        match = _STAGING_NAME.match(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            if euid not in (0, os.fstat(fd).st_uid):
+                continue  # another user's restore: not ours to judge
+            if _lock(fd) is not True or not _still_at(Path(entry.path), fd):
+                continue  # in progress (or this filesystem cannot tell): left alone
+            remove_tree(entry.path)  # under our lock: no restore can adopt it meanwhile
+            left = f"{entry.path}, left by an interrupted restore (process {match.group(1)})"
+            if os.path.lexists(entry.path):
+                warn(f"warning: cannot remove {left}: remove it by hand (rm -rf)")
+            else:
+                warn(f"removed {left}")
+        finally:
+            os.close(fd)

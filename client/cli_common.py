@@ -16,7 +16,6 @@ import sys
 import traceback
 import unicodedata
 from collections.abc import Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -73,6 +72,8 @@ class CliParser(argparse.ArgumentParser):
 
 
 def version_text(prog: str) -> str:
+    from importlib import metadata  # only for --version: importing and reading it is slow
+
     try:
         version = metadata.version("backup-kms")
     except metadata.PackageNotFoundError:  # run from a checkout that was never installed
@@ -80,8 +81,21 @@ def version_text(prog: str) -> str:
     return f"{prog} (backup-kms) {version}"
 
 
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, with the text looked up only when it is asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, prog: str = "") -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                         nargs=0, help="show program's version number and exit")  # fmt: skip
+        self._prog = prog
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        print(version_text(self._prog))
+        parser.exit()
+
+
 def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
-    parser.add_argument("--version", action="version", version=version_text(prog))
+    parser.add_argument("--version", action=_VersionAction, prog=prog)
 
 
 # -- argument types: each names what it expects; argparse adds the argument's name --------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import grpc
 
@@ -47,8 +48,10 @@ from client.archive_cli import (
     Interrupted,
     Progress,
     ProgressReader,
+    StagingDirectory,
     atomic_file,
     install_signal_handlers,
+    remove_stale_staging,
     silence_stdout,
 )
 from client.cli_common import (
@@ -59,6 +62,7 @@ from client.cli_common import (
     add_version,
     describe_kms_error,
     fsync_directory,
+    remove_quietly,
     run_main,
 )
 from client.kms_client import KmsClient, KmsError, add_connection_args, config_from_args
@@ -72,12 +76,67 @@ class RestoreError(Exception):
     """Restore cannot go on; the message says why in words."""
 
 
+class Listing:
+    """The rows of `--list`, spooled to an unnamed temporary file as the archive is read.
+
+    Printed only once the whole archive verified, in memory that does not grow with the
+    number of entries (the file does, by one line each).
+    """
+
+    def __init__(self, *, as_json: bool) -> None:
+        self._as_json = as_json
+        self._encoding = sys.stdout.encoding or "utf-8"
+        self._errors = sys.stdout.errors or "strict"
+        # Unnamed (O_TMPFILE) where it can be: nothing to leave behind. Closed by close().
+        self._file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self.count = 0
+
+    def add(self, e: tree_format.Entry) -> None:
+        if self._as_json:
+            row = {"path": e.path or ".", "type": tree_format.describe_mode(e)[0],
+                   "mode": oct(e.mode), "size": e.size, "mtime_ns": e.mtime_ns, "uid": e.uid,
+                   "gid": e.gid, **({"link": e.link} if e.link else {})}  # fmt: skip
+            line = ("" if not self.count else ", ") + json.dumps(row)
+        else:
+            link = {tree_format.SYMLINK: " -> ", tree_format.HARDLINK: " link to "}
+            arrow = link.get(e.kind, "")
+            target = _shown(e.link) if arrow else ""
+            line = (
+                f"{tree_format.describe_mode(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
+                f"{_time(e.mtime_ns)} {_shown(e.path) or '.'}{arrow}{target}\n"
+            )
+        self._file.write(line.encode(self._encoding, self._errors))
+        self.count += 1
+
+    def print(self, header: ArchiveHeader, plaintext_bytes: int) -> None:
+        out = sys.stdout
+        if self._as_json:
+            # The same bytes as json.dumps({**summary, "entries": rows}), a row at a time.
+            out.write(json.dumps(header_summary(header))[:-1] + ', "entries": [')
+        elif not self.count:
+            out.write(f"(a {header.payload_kind.name.lower()} of {plaintext_bytes} bytes)\n")
+        out.flush()
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, out.buffer)
+        out.buffer.flush()
+        if self._as_json:
+            out.write("]}\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _shown(name: str) -> str:
+    """Names that are not UTF-8 print as escapes, never fail."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True)
 class RestoreResult:
     header: ArchiveHeader
     plaintext_bytes: int
     target: str | None
-    listing: list[tree_format.Entry] | None = None
+    listing: Listing | None = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,12 +266,37 @@ def check_target(target: Path, kind: PayloadKind, *, force: bool) -> None:
         raise RestoreError(f"{target} already exists (use --force to replace it)")
 
 
+def _exchange(staged: Path, target: Path) -> bool:
+    """Swap the two names in one step (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    import ctypes  # only when replacing a target
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc 2.28+ or not Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(staged), at_fdcwd, os.fsencode(target),
+                 rename_exchange) == 0:  # fmt: skip
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # kernel or filesystem
+        return False
+    raise OSError(error, os.strerror(error), str(target))
+
+
 def _install(staged: Path, target: Path, *, force: bool) -> None:
     """Rename the verified tree into place, replacing the old target only with --force."""
     if not (target.exists() or target.is_symlink()):
         os.rename(staged, target)
     elif not force:
         raise RestoreError(f"{target} already exists (use --force to replace it)")
+    elif _exchange(staged, target):
+        # The target is never missing; the old one now has the staging name, which the next
+        # restore here removes should this process die before it does.
+        if staged.is_dir() and not staged.is_symlink():
+            tree_format.remove_tree(str(staged))
+        else:
+            remove_quietly(staged)
     else:
         # A directory cannot be replaced by one rename: move the old target aside first.
         aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
@@ -221,9 +305,9 @@ def _install(staged: Path, target: Path, *, force: bool) -> None:
             os.rename(staged, target)
         except OSError:
             os.rename(aside / "old", target)
-            shutil.rmtree(aside, ignore_errors=True)
+            tree_format.remove_tree(str(aside))
             raise
-        shutil.rmtree(aside, ignore_errors=True)
+        tree_format.remove_tree(str(aside))
     fsync_directory(target.parent)
 
 
@@ -299,7 +383,8 @@ def _restore_tree(
     includes: list[str],
     special_files: bool,
 ) -> None:
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.restoring-"))
+    held = StagingDirectory(target)
+    staging = held.path
     try:
         if header.version == 1:
             _extract_v1_tar(reader, staging)
@@ -318,6 +403,8 @@ def _restore_tree(
     except BaseException:
         tree_format.remove_tree(str(staging))
         raise
+    finally:
+        held.release()
 
 
 def _extract_v1_tar(reader: PlaintextReader, staging: Path) -> None:
@@ -333,29 +420,30 @@ def _extract_v1_tar(reader: PlaintextReader, staging: Path) -> None:
                     os.utime(staging / safe.name, (safe.mtime, safe.mtime), follow_symlinks=False)
 
 
-def _list(reader: PlaintextReader, header: ArchiveHeader) -> list[tree_format.Entry]:
+def _list(reader: PlaintextReader, header: ArchiveHeader, listing: Listing) -> None:
     if header.version == 2 and header.payload_kind is not PayloadKind.STREAM:
-        return list(tree_format.iter_entries(tree_format.EntryReader(reader)))
+        for entry in tree_format.iter_entries(tree_format.EntryReader(reader)):
+            listing.add(entry)
+        return
     if header.version == 1 and header.payload_kind is PayloadKind.TREE:
         import tarfile
 
-        listing = []
         with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every member it read: memory would grow
                 kind = (
                     tree_format.DIRECTORY
                     if member.isdir()
                     else (tree_format.SYMLINK if member.issym() else tree_format.FILE)
                 )
                 name = "" if member.name == "." else member.name.removeprefix("./")
-                listing.append(tree_format.Entry(
+                listing.add(tree_format.Entry(
                     kind, name, member.mode & 0o7777, member.uid, member.gid, 0,
                     int(member.mtime * 1e9), size=member.size, link=member.linkname,
                 ))  # fmt: skip
         reader.drain()
-        return listing
+        return
     reader.drain()
-    return []
 
 
 def restore(
@@ -370,6 +458,7 @@ def restore(
     special_files: bool = False,
     quiet: bool = False,
     total: int | None = None,
+    list_json: bool = False,
 ) -> RestoreResult:
     """Verify the archive end to end and restore it (or verify, or list it)."""
     header = parsed.header
@@ -385,12 +474,19 @@ def restore(
                     pass  # the payload encoding is checked too, nothing is kept
             reader.drain()
         elif action == "list":
-            listing = _list(reader, header)
+            listing = Listing(as_json=list_json)
+            try:
+                _list(reader, header, listing)
+            except BaseException:
+                listing.close()
+                raise
         elif output == STDIO:
             _restore_to_stdout(reader, header)
         else:
             assert output is not None
             target = Path(output)
+            # What restores killed outright (SIGKILL, a crash) left beside their targets.
+            remove_stale_staging(target.parent, _warn)
             if header.payload_kind is PayloadKind.TREE:
                 _restore_tree(reader, header, target, force, includes or [], special_files)
             else:
@@ -426,33 +522,6 @@ def print_inspect(header: ArchiveHeader, *, as_json: bool) -> None:
 def _time(ns: int) -> str:
     when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC)
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def print_listing(result: RestoreResult, *, as_json: bool) -> None:
-    entries = result.listing or []
-    if as_json:
-        rows = [
-            {"path": e.path or ".", "type": tree_format.describe_mode(e)[0], "mode": oct(e.mode),
-             "size": e.size, "mtime_ns": e.mtime_ns, "uid": e.uid, "gid": e.gid,
-             **({"link": e.link} if e.link else {})}
-            for e in entries
-        ]  # fmt: skip
-        print(json.dumps({**header_summary(result.header), "entries": rows}))
-        return
-    if not entries:
-        print(f"(a {result.header.payload_kind.name.lower()} of {result.plaintext_bytes} bytes)")
-
-    def shown(name: str) -> str:  # names that are not UTF-8 print as escapes, never fail
-        return os.fsencode(name).decode("utf-8", "backslashreplace")
-
-    for e in entries:
-        link = {tree_format.SYMLINK: " -> ", tree_format.HARDLINK: " link to "}.get(e.kind, "")
-        target = shown(e.link) if link else ""
-        name = shown(e.path) or "."
-        print(
-            f"{tree_format.describe_mode(e)} {e.uid:>5} {e.gid:>5} {e.size:>12} "
-            f"{_time(e.mtime_ns)} {name}{link}{target}"
-        )
 
 
 def print_summary(result: RestoreResult, *, as_json: bool) -> None:
@@ -520,7 +589,7 @@ def run(args: argparse.Namespace) -> int:
                 result = restore(
                     client, stream, parsed, args.output, action=action, force=args.force,
                     includes=args.include, special_files=args.special_files,
-                    quiet=args.quiet or args.list, total=total,
+                    quiet=args.quiet or args.list, total=total, list_json=args.json,
                 )  # fmt: skip
     except Interrupted as exc:
         raise _interrupted(f"interrupted ({exc}); nothing restored") from None
@@ -540,8 +609,11 @@ def run(args: argparse.Namespace) -> int:
             raise
         # Also raised by the extraction filter for members that would escape the target.
         raise CliError(f"refusing to extract the tree: {exc}") from None
-    if args.list:
-        print_listing(result, as_json=args.json)
+    if result.listing is not None:
+        try:
+            result.listing.print(result.header, result.plaintext_bytes)
+        finally:
+            result.listing.close()
     elif not args.quiet or args.json:
         print_summary(result, as_json=args.json)
     return EXIT_OK

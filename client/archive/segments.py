@@ -8,7 +8,9 @@ Writer and reader keep a few segments in flight, so memory stays flat whatever t
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
+import mmap
 import os
 import struct
 import threading
@@ -119,8 +121,10 @@ class _Slot:
     __slots__ = ("input", "output")
 
     def __init__(self, input_size: int, output_size: int) -> None:
-        self.input = memoryview(bytearray(input_size))
-        self.output = memoryview(bytearray(output_size))
+        # Anonymous maps, not bytearrays (which are zeroed, so resident, at once): a page
+        # counts in RSS only once used, and a compressed segment uses a third of its output.
+        self.input = memoryview(mmap.mmap(-1, input_size))
+        self.output = memoryview(mmap.mmap(-1, output_size))
 
 
 class _Pool:
@@ -158,8 +162,10 @@ class ArchiveWriter:
 
     Call `close()` (or use it as a context manager) to seal the last segment; an
     archive that is not closed reads as truncated, never as complete. Segments are
-    compressed and sealed on worker threads and written to `dest` in order, from a
-    fixed set of buffers: memory stays at a few segments.
+    compressed, sealed and written to `dest` on worker threads, in order (each worker
+    waits for its segment's turn to write), from a fixed set of buffers: reading the
+    next segments overlaps sealing and writing the earlier ones, and memory stays at a
+    few segments.
     """
 
     def __init__(self, dest: Writable, header: ArchiveHeader, data_key: bytes) -> None:
@@ -173,11 +179,18 @@ class ArchiveWriter:
         self._dest = dest
         _write_all(dest, raw + self._aead.encrypt(v1.HEADER_NONCE, b"", raw))
         self._compressors = _Compressors()
-        self._raw_streak = 0  # segments stored raw in a row
+        # Segments stored raw in a row; one to begin with, so the first segment is sampled on
+        # this thread and random data never starts a worker.
+        self._raw_streak = 1
         self._executor: ThreadPoolExecutor | None = None
-        self._depth = _worker_count() + 1
-        self._pool = _Pool(self._depth + 2, size, RECORD.size + size + TAG_SIZE)
-        self._pending: collections.deque[tuple[Future[memoryview], _Slot]] = collections.deque()
+        self._workers = _worker_count()
+        # One slot filling, one per worker sealing or writing, one read ahead.
+        self._pool = _Pool(self._workers + 2, size, RECORD.size + size + TAG_SIZE)
+        # Guards the pool, the write turn and the first failure; workers and the caller wait on it.
+        self._turn = threading.Condition()
+        self._next_write = 0  # the segment whose record is written next
+        self._failure: BaseException | None = None
+        self._aborted = False
         self._slot = self._acquire()
         self._fill = 0
         self._segment = 0
@@ -185,16 +198,34 @@ class ArchiveWriter:
         self.plaintext_bytes = 0
         self.stored_bytes = len(raw) + TAG_SIZE
 
-    def _seal(self, segment: int, slot: _Slot, length: int, last: bool) -> memoryview:
+    def _to_compress(self, segment: int, slot: _Slot, length: int) -> bool:
+        """On the caller's thread: whether the segment is worth a full compression attempt.
+
+        No sample while segments compress (it would only repeat what the last one said); after
+        a run of raw ones, only every _RETRY-th segment is sampled at all.
+        """
+        if not self._level or not length:
+            return False
+        if self._raw_streak >= _RAW_STREAK and segment % _RETRY:
+            return False
+        if self._raw_streak == 0 or length <= _SAMPLE:
+            return True
+        sample = slot.input[:_SAMPLE]
+        compressor = _compressor(self._compressors, self._level)
+        if len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN:
+            return True
+        self._raw_streak += 1
+        return False
+
+    def _seal(
+        self, segment: int, slot: _Slot, length: int, last: bool, compress: bool
+    ) -> memoryview:
         plaintext: bytes | memoryview = slot.input[:length]
         flags = FLAG_LAST if last else 0
-        if self._level and length and (self._raw_streak < _RAW_STREAK or segment % _RETRY == 0):
-            compressor = _compressor(self._compressors, self._level)
-            sample = plaintext[:_SAMPLE]
-            if length <= _SAMPLE or len(compressor.compress(sample)) < len(sample) * _SAMPLE_GAIN:
-                packed = compressor.compress(plaintext)
-                if len(packed) < length:  # stored raw when it does not shrink
-                    plaintext, flags = packed, flags | FLAG_ZSTD
+        if compress:
+            packed = _compressor(self._compressors, self._level).compress(plaintext)
+            if len(packed) < length:  # stored raw when it does not shrink
+                plaintext, flags = packed, flags | FLAG_ZSTD
             # Updated from several workers: an occasional lost update only shifts a retry.
             self._raw_streak = 0 if flags & FLAG_ZSTD else self._raw_streak + 1
         aad = _SEGMENT_AAD.pack(self._digest, segment, flags, length)
@@ -204,34 +235,77 @@ class ArchiveWriter:
         self._aead.encrypt_into(v1.segment_nonce(segment), plaintext, aad, record[RECORD.size :])
         return record
 
-    def _acquire(self) -> _Slot:
-        while (slot := self._pool.take()) is None:
-            self._emit_oldest()
-        return slot
-
-    def _emit_oldest(self) -> None:
-        future, slot = self._pending.popleft()
+    def _job(self, segment: int, slot: _Slot, length: int, last: bool) -> None:
+        """Seal one segment, then write it when the segments before it are written."""
+        record: memoryview | None = None
+        error: BaseException | None = None
         try:
-            record = future.result()
-            _write_all(self._dest, record)
-            self.stored_bytes += len(record)
-        finally:
+            if not self._aborted:
+                record = self._seal(segment, slot, length, last, compress=True)
+        except BaseException as exc:  # handed to the caller's thread, never lost
+            error = exc
+        with self._turn:
+            while self._next_write != segment:
+                self._turn.wait()
+        # Our turn: no other thread writes until _next_write moves on.
+        try:
+            if record is not None and error is None and not self._aborted:
+                _write_all(self._dest, record)
+                self.stored_bytes += len(record)
+        except BaseException as exc:
+            error = exc
+        with self._turn:
+            if error is not None and self._failure is None:
+                self._failure = error
+                self._aborted = True  # later segments are neither sealed nor written
+            self._next_write += 1
             self._pool.give(slot)
+            self._turn.notify_all()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            self._closed = True
+            raise self._failure
+
+    def _acquire(self) -> _Slot:
+        with self._turn:
+            while (slot := self._pool.take()) is None:
+                self._raise_failure()
+                self._turn.wait()
+            self._raise_failure()
+            return slot
 
     def _submit(self, slot: _Slot, length: int, last: bool) -> None:
         segment = self._segment
         self._segment += 1
-        if last and not self._pending:  # no thread for a one-segment archive
-            record = self._seal(segment, slot, length, last)
-            _write_all(self._dest, record)
-            self.stored_bytes += len(record)
-            self._pool.give(slot)
+        compress = self._to_compress(segment, slot, length)
+        if compress and not (last and segment == 0):  # no thread for a one-segment archive
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="archive")
+            self._executor.submit(self._job, segment, slot, length, last)
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
-        self._pending.append((self._executor.submit(self._seal, segment, slot, length, last), slot))
-        while len(self._pending) > (0 if last else self._depth):
-            self._emit_oldest()
+        # Sealing alone is cheap next to reading and writing: done here, it costs no hand-off
+        # between threads, which on a busy machine each wait for a time slice. Random data
+        # thus never starts a worker, nor allocates more than two slots.
+        record = self._seal(segment, slot, length, last, compress=compress)
+        with self._turn:
+            while self._next_write != segment:
+                self._raise_failure()
+                self._turn.wait()
+            self._raise_failure()
+        _write_all(self._dest, record)
+        self.stored_bytes += len(record)
+        with self._turn:
+            self._next_write += 1
+            self._pool.give(slot)
+            self._turn.notify_all()
+
+    def _wait_written(self) -> None:
+        """Until every submitted segment is written (or one failed)."""
+        with self._turn:
+            while self._next_write < self._segment and self._failure is None:
+                self._turn.wait()
+            self._raise_failure()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self._closed:
@@ -269,7 +343,8 @@ class ArchiveWriter:
                 spare = self._acquire()
                 count = source.readinto(spare.input[:room])
                 if not count:
-                    self._pool.give(spare)
+                    with self._turn:
+                        self._pool.give(spare)
                     break
                 self._submit(self._slot, self._fill, last=False)
                 self._slot, self._fill = spare, count
@@ -280,17 +355,17 @@ class ArchiveWriter:
     def close(self) -> None:
         if self._closed:
             return
+        self._raise_failure()
         self._closed = True
         try:
             self._submit(self._slot, self._fill, last=True)
+            self._wait_written()
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
-        for future, _ in self._pending:
-            future.cancel()
-        self._pending.clear()
         if self._executor is not None:
+            # Queued jobs still run (each waits for its turn), but skip their work.
             self._executor.shutdown(wait=True)
             self._executor = None
 
@@ -307,6 +382,8 @@ class ArchiveWriter:
             self.close()
         else:
             self._closed = True
+            with self._turn:
+                self._aborted = True
             self._shutdown()
 
 
@@ -383,13 +460,27 @@ def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterato
     executor: ThreadPoolExecutor | None = None
     depth = _worker_count() + 1
     pool = _Pool(depth + 1, size + TAG_SIZE, size)  # one more: the segment being consumed
-    pending: collections.deque[tuple[Future[memoryview], _Slot, bool]] = collections.deque()
+    # A compressed segment is opened on a worker (decompressing is the work); a raw one later,
+    # on the consumer's thread: decrypting alone is cheap next to the hand-off between threads.
+    Job = Future[memoryview] | Callable[[], memoryview]
+    pending: collections.deque[tuple[Job, _Slot, bool]] = collections.deque()
     segment = 0
     ended = False
     deferred: ArchiveError | None = None  # raised once the segments before it are out
+
+    def reading_ahead_helps() -> bool:
+        # Only while a worker has something to do: raw segments are read as they are wanted,
+        # so a raw archive is opened with one slot and no thread.
+        return not pending or isinstance(pending[-1][0], Future)
+
     try:
         while True:
-            while not ended and len(pending) < depth and (slot := pool.take()) is not None:
+            while (
+                not ended
+                and len(pending) < depth
+                and reading_ahead_helps()
+                and (slot := pool.take()) is not None
+            ):
                 try:
                     record = next_record(segment, slot)
                 except ArchiveError as exc:
@@ -408,23 +499,22 @@ def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterato
                     break
                 flags, stored, length = record
                 ended = bool(flags & FLAG_LAST)
-                if executor is None and not (ended and segment == 0):
-                    executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
-                if executor is None:
-                    done: Future[memoryview] = Future()
-                    done.set_result(open_segment(segment, flags, stored, length, slot))
-                    pending.append((done, slot, ended))
-                else:
+                job: Job
+                if flags & FLAG_ZSTD and not (ended and segment == 0):
+                    if executor is None:
+                        executor = ThreadPoolExecutor(_worker_count(), thread_name_prefix="archive")
                     job = executor.submit(open_segment, segment, flags, stored, length, slot)
-                    pending.append((job, slot, ended))
+                else:
+                    job = functools.partial(open_segment, segment, flags, stored, length, slot)
+                pending.append((job, slot, ended))
                 segment += 1
             if not pending:
                 if deferred is not None:
                     raise deferred
                 return
-            future, slot, last = pending.popleft()
+            job, slot, last = pending.popleft()
             try:
-                plaintext = future.result()
+                plaintext = job.result() if isinstance(job, Future) else job()
                 if last and stream.read(1):
                     raise TrailingDataError(
                         f"unexpected data after the last segment ({segment - 1})"
@@ -433,8 +523,9 @@ def _iter_v2(stream: BinaryIO, parsed: ParsedHeader, data_key: bytes) -> Iterato
             finally:
                 pool.give(slot)
     finally:
-        for future, _, _ in pending:
-            future.cancel()
+        for job, _, _ in pending:
+            if isinstance(job, Future):
+                job.cancel()
         if executor is not None:
             executor.shutdown(wait=True)
 

@@ -11,11 +11,14 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from client.archive import read_header
+from client.archive import ArchiveHeader, ArchiveWriter, Compression, PayloadKind, read_header
+from client.archive import tree as tree_format
+from client.kms_client import ClientConfig, KmsClient
 from tests.conftest import REPO, child_environment
 from tests.e2e.conftest import DevServer
 from tests.tree_checker import assert_same_tree, describe, make_full_tree
@@ -147,6 +150,26 @@ def test_a_file_archive_never_replaces_a_directory(server: DevServer, tmp_path: 
     assert (tmp_path / "dir" / "sub" / "keep").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("old", ["tree", "file"])
+def test_force_replaces_an_old_target_whole_and_leaves_nothing_beside_it(
+    server: DevServer, tmp_path: Path, old: str
+) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "new").write_text("new tree")
+    ok(backup(server, str(tmp_path / "src"), "-o", str(tmp_path / "t.kms")))
+    out = tmp_path / "out"
+    out.mkdir()
+    if old == "tree":
+        (out / "target" / "locked").mkdir(parents=True)
+        (out / "target" / "locked" / "old").write_text("old tree")
+        (out / "target" / "locked").chmod(0o500)  # a read-only directory in the old tree
+    else:
+        (out / "target").write_text("old file")
+    ok(restore(server, str(tmp_path / "t.kms"), "-o", str(out / "target"), "--force"))
+    assert os.listdir(out) == ["target"]
+    assert os.listdir(out / "target") == ["new"]
+
+
 def test_an_archive_inside_its_source_does_not_hold_itself(
     server: DevServer, tmp_path: Path
 ) -> None:
@@ -235,14 +258,76 @@ def test_a_killed_restore_leaves_nothing_behind(
     child.wait(timeout=60)
     stderr = child.stderr.read() if child.stderr else b""
     if signum == signal.SIGKILL and payload == "tree":
-        # Nothing survives SIGKILL's cleanup: the hidden staging directory is left, but the
-        # target never appears.
+        # No cleanup survives SIGKILL: the staging directory is left, named for its process
+        # (the next restore here removes it), and the target never appears.
+        [left] = os.listdir(out)
+        assert left.startswith(f".restored.kms-restore-{child.pid}-")
         assert not (out / "restored").exists()
         return
     assert os.listdir(out) == []
     if signum != signal.SIGKILL:
         assert child.returncode == 130
         assert b"Traceback" not in stderr
+
+
+def _stalled_restore(server: DevServer, data: bytes, target: Path) -> subprocess.Popen[bytes]:
+    """A tree restore that got half its archive and waits for the rest, staging under way."""
+    child = subprocess.Popen(
+        command(server, "restore", "restore", "-", "-o", str(target)),
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=child_environment(),
+    )  # fmt: skip
+    assert child.stdin is not None
+    child.stdin.write(data[: len(data) // 2])
+    child.stdin.flush()
+    _wait_for(lambda: any(".kms-restore-" in name for name in os.listdir(target.parent)))
+    return child
+
+
+def test_the_next_restore_removes_what_a_sigkilled_tree_restore_left(
+    server: DevServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    archive = tmp_path / "a.kms"
+    ok(backup(server, str(src), "-o", str(archive)))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".keep.kms-restore-notes").mkdir()  # not a staging name: never touched
+    child = _stalled_restore(server, archive.read_bytes(), out / "first")
+    child.kill()
+    child.wait(timeout=60)
+    [left] = [name for name in os.listdir(out) if name.startswith(".first.kms-restore-")]
+    assert left.startswith(f".first.kms-restore-{child.pid}-")
+
+    done = ok(restore(server, str(archive), "-o", str(out / "second")))
+    said = f"removed {out / left}, left by an interrupted restore (process {child.pid})"
+    assert said.encode() in done.stderr
+    assert sorted(os.listdir(out)) == [".keep.kms-restore-notes", "second"]
+    assert (out / "second" / "big").read_bytes() == (src / "big").read_bytes()
+
+
+def test_a_restore_in_progress_keeps_its_staging_directory_when_another_restore_sweeps(
+    server: DevServer, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(8 << 20))
+    archive = tmp_path / "a.kms"
+    ok(backup(server, str(src), "-o", str(archive)))
+    data = archive.read_bytes()
+    out = tmp_path / "out"
+    out.mkdir()
+    slow = _stalled_restore(server, data, out / "slow")
+    staged = [name for name in os.listdir(out) if ".kms-restore-" in name]
+    done = ok(restore(server, str(archive), "-o", str(out / "quick")))
+    assert b"removed" not in done.stderr
+    assert [name for name in os.listdir(out) if ".kms-restore-" in name] == staged
+    assert slow.stdin is not None
+    slow.stdin.write(data[len(data) // 2 :])
+    slow.stdin.close()
+    assert slow.wait(timeout=60) == 0
+    assert sorted(os.listdir(out)) == ["quick", "slow"]
 
 
 def test_a_broken_pipe_on_stdout_fails_without_a_traceback(
@@ -308,6 +393,66 @@ def test_list_include_and_exclude(server: DevServer, tmp_path: Path) -> None:
     assert done.returncode == 1
     assert b"nothing in the archive matches --include nope" in done.stderr
     assert not (tmp_path / "none").exists()
+
+
+def write_wide_tree(server: DevServer, path: Path, count: int) -> None:
+    """A real archive (a data key from the server) of one directory holding `count` empty
+    files with 100-byte names: made in-process, far quicker than that many real files."""
+    token = server.token_file("backup").read_text().strip()
+    backup_id = str(uuid.uuid4())
+    with KmsClient(ClientConfig(addr=server.address, token=token)) as client:
+        issued = client.get_active_key(KEY, backup_id)
+    header = ArchiveHeader(backup_id=backup_id, key_name=KEY, key_version=issued.version,
+                           wrapped_data_key=issued.wrapped_data_key,
+                           payload_kind=PayloadKind.TREE, compression=Compression.ZSTD,
+                           compression_level=3)  # fmt: skip
+
+    def entry(kind: bytes, name: str) -> bytes:
+        raw = name.encode()
+        return tree_format.ENTRY.pack(kind, len(raw), 0o644, 0, 0, 0, 0, 0) + raw
+
+    with open(path, "wb") as out, ArchiveWriter(out, header, issued.data_key) as writer:
+        writer.write(entry(tree_format.DIRECTORY, ""))
+        empty = tree_format.FILE_DATA.pack(0, 0)
+        for number in range(count):
+            writer.write(entry(tree_format.FILE, f"{number:09d}-" + "x" * 90) + empty)
+        writer.write(tree_format.ENTRY.pack(tree_format.END, 0, 0, 0, 0, 0, 0, 0))
+
+
+def peak_rss_mib(server: DevServer, *args: str) -> float:
+    """Peak RSS of a kms-restore run, from wait4 in a small wrapper (not pytest's fork)."""
+    done = subprocess.run(
+        [sys.executable, "-S", "-m", "benchmarks.rusage", *command(server, "restore", "restore",
+                                                                    *args)],
+        cwd=REPO, env=child_environment(), capture_output=True, check=True, timeout=300,
+    )  # fmt: skip
+    figures = json.loads(done.stdout.decode().splitlines()[-1])
+    assert figures["returncode"] == 0, done.stderr.decode()
+    return float(figures["max_rss_kib"]) / 1024
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_list_memory_does_not_grow_with_the_number_of_entries(
+    server: DevServer, tmp_path: Path, as_json: bool
+) -> None:
+    # Both past one segment, so both runs have the same buffers and worker threads: what
+    # differs is the number of entries (held in a list, 250,000 cost some 130 MiB more).
+    few, many = tmp_path / "few.kms", tmp_path / "many.kms"
+    write_wide_tree(server, few, 50_000)
+    write_wide_tree(server, many, 250_000)
+    json_flag = ["--json"] if as_json else []
+    small = peak_rss_mib(server, "--list", str(few), *json_flag)
+    large = peak_rss_mib(server, "--list", str(many), *json_flag)
+    assert large - small < 8, (
+        f"peak RSS {small:.1f} MiB for 50,000 entries, {large:.1f} for 250,000"
+    )
+    listed = ok(restore(server, "--list", str(few), *json_flag)).stdout
+    if as_json:
+        rows = json.loads(listed)["entries"]
+        assert len(rows) == 50_001 and rows[1]["path"] == "000000000-" + "x" * 90
+    else:
+        lines = listed.decode().splitlines()
+        assert len(lines) == 50_001 and lines[-1].endswith(" 000049999-" + "x" * 90)
 
 
 def test_several_sources_make_one_tree(server: DevServer, tmp_path: Path) -> None:

@@ -529,3 +529,26 @@ def test_after_a_run_of_raw_segments_compressible_data_is_compressed_again() -> 
     assert flags[32] & FLAG_ZSTD
     assert all(flag & FLAG_ZSTD for flag in flags[32 + depth : -1])
     assert open_archive(archive) == payload
+
+
+def test_segments_from_workers_and_from_the_callers_thread_land_in_order() -> None:
+    # Text is compressed and written by the workers, random data sealed and written by the
+    # caller's thread: interleaved, every record must still come out in its place.
+    header = make_header(segment_size=4096, compression=Compression.ZSTD)
+    parts = [
+        os.urandom(5000) if i % 3 == 0 else b"row %d, some text; " % i * 300 for i in range(60)
+    ]
+    payload = b"".join(parts)
+    archive = seal(payload, header)
+    flags = [RECORD.unpack_from(part)[0] for part in segments(archive)]
+    assert any(flag & FLAG_ZSTD for flag in flags)
+    assert not all(flag & FLAG_ZSTD for flag in flags)
+    assert open_archive(archive) == payload
+
+
+def test_an_output_error_on_a_worker_propagates_and_nothing_is_written_after_it() -> None:
+    out = BrokenOutput(fail_after=5)  # compressible: the workers write these segments
+    header = make_header(compression=Compression.ZSTD)
+    with pytest.raises(OSError, match="No space"), ArchiveWriter(out, header, KEY) as writer:
+        writer.write(b"compressible text " * (30 * SEGMENT))
+    assert out.writes == 6
