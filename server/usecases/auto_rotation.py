@@ -149,22 +149,16 @@ class AutoRotation:
         return rotated
 
     def _rotate_if_due(self, key_name: str) -> int:
-        def work(repo: Repository) -> int:
+        def work(repo: Repository) -> bool:
             key = guards.existing_key(repo, key_name, for_update=True)
             now = now_us()
             period = key.rotation_period_us
             if key.next_rotation_us is None or key.next_rotation_us > now or period is None:
-                return 0  # another replica rotated it, or the period was changed meanwhile
+                return False  # another replica rotated it, or the period was changed meanwhile
             self._rotate(repo, key, now, f"automatic rotation (every {period // 1_000_000}s)")
-            return 1
+            return True
 
-        audit = AuditContext(key_name=key_name)
-        done = self._tx.run(
-            model.SCHEDULER, Action.REGISTER_VERSION, audit, work, audit_on_success=False
-        )
-        if done:
-            log.info("rotated %s automatically", key_name)
-        return done
+        return int(self._as_scheduler(key_name, work, "its rotation period fell due"))
 
     def rotate_for_use(self, key_name: str, wanted: int, bound: int) -> bool:
         """Rotates the key if its active version cannot wrap `wanted` more data keys within
@@ -180,12 +174,17 @@ class AutoRotation:
             self.rotate_in(repo, key, active, bound)
             return True
 
+        return self._as_scheduler(key_name, work, "its active version reached the data-key bound")
+
+    def _as_scheduler(self, key_name: str, work: Callable[[Repository], bool], why: str) -> bool:
+        """Runs a rotation as `system:scheduler` (`work` appends its events, or returns False
+        when there is nothing to do after all)."""
         audit = AuditContext(key_name=key_name)
         done = self._tx.run(
             model.SCHEDULER, Action.REGISTER_VERSION, audit, work, audit_on_success=False
         )
         if done:
-            log.info("rotated %s: its active version reached the data-key bound", key_name)
+            log.info("rotated %s automatically: %s", key_name, why)
         return done
 
     def rotate_in(

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from server.db.models import KeyRow, KeyVersionRow
 from server.db.repository import Repository
+from server.domain import model
 from server.domain.errors import FailedPrecondition, KmsError, NotFound, PermissionDenied
 from server.domain.model import Principal, Role, VersionState
 
@@ -72,6 +73,21 @@ def existing_version(
     if row is None:
         raise NotFound("KEY_VERSION_NOT_FOUND", f"key {key_name} has no version {version}")
     return row
+
+
+def admin_locked_version(
+    repo: Repository, caller: Principal, key_name: str, version: int, reason: str
+) -> tuple[KeyRow, KeyVersionRow]:
+    """What every admin change to a version checks first: the admin's scope, the input, then
+    the key and the version, both locked. The key first, so a concurrent rotation cannot make
+    this version active meanwhile (and the scheduler waits)."""
+    require(caller, Role.ADMIN)
+    model.check_key_name(key_name)
+    require_key(caller, Role.ADMIN, key_name)
+    model.check_version(version)
+    model.check_reason(reason)
+    key = existing_key(repo, key_name, for_update=True)
+    return key, existing_version(repo, key_name, version, for_update=True)
 
 
 def require_usable(row: VersionLike, what: str) -> None:

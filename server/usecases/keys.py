@@ -241,14 +241,7 @@ class KeyVersions:
         audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
-            guards.require(caller, Role.ADMIN)
-            model.check_key_name(key_name)
-            guards.require_key(caller, Role.ADMIN, key_name)
-            model.check_version(version)
-            model.check_reason(reason)
-            # Lock the key first: a concurrent rotation cannot make this version active meanwhile.
-            key = guards.existing_key(repo, key_name, for_update=True)
-            row = guards.existing_version(repo, key_name, version, for_update=True)
+            key, row = guards.admin_locked_version(repo, caller, key_name, version, reason)
             change(row, key.active_version)
             repo.flush()
             return version_info(row, key.active_version)

@@ -24,11 +24,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict
 
-from server.db.models import KeyRow, KeyVersionRow
+from server.db.models import KeyVersionRow
 from server.db.repository import Repository
 from server.domain import model
 from server.domain.errors import FailedPrecondition, KmsError, PermissionDenied
-from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, Role, VersionState
+from server.domain.model import Action, KeyVersionInfo, Outcome, Principal, VersionState
 from server.usecases import guards
 from server.usecases.keys import version_info
 from server.usecases.materials import KeyMaterials
@@ -85,14 +85,7 @@ class Lifecycle:
 
         def work(repo: Repository) -> KeyVersionInfo:
             nonlocal action
-            guards.require(caller, Role.ADMIN)
-            model.check_key_name(key_name)
-            guards.require_key(caller, Role.ADMIN, key_name)
-            model.check_version(version)
-            model.check_reason(reason)
-            # The key first: a concurrent rotation cannot make this version active meanwhile.
-            key = guards.existing_key(repo, key_name, for_update=True)
-            row = guards.existing_version(repo, key_name, version, for_update=True)
+            key, row = guards.admin_locked_version(repo, caller, key_name, version, reason)
             guards.refuse_if_active_or_destroyed(row, key.active_version, "destroy")
             now = now_us()
             count = repo.backup_count(key_name, version)
@@ -148,7 +141,7 @@ class Lifecycle:
         audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
-            key, row = _locked_version(repo, caller, key_name, version, reason)
+            key, row = guards.admin_locked_version(repo, caller, key_name, version, reason)
             if row.state == VersionState.DESTROYED:
                 raise FailedPrecondition(
                     "KEY_VERSION_DESTROYED",
@@ -184,7 +177,7 @@ class Lifecycle:
         audit = AuditContext(key_name=key_name, version=version, reason=reason[:1024])
 
         def work(repo: Repository) -> KeyVersionInfo:
-            key, row = _locked_version(repo, caller, key_name, version, reason)
+            key, row = guards.admin_locked_version(repo, caller, key_name, version, reason)
             if row.state != VersionState.PENDING_APPROVAL:
                 raise FailedPrecondition(
                     "DESTRUCTION_NOT_PENDING",
@@ -295,17 +288,3 @@ def _shred(row: KeyVersionRow, now: int) -> None:
     row.state = VersionState.DESTROYED
     row.wrapped_material = None
     row.destroyed_us = now
-
-
-def _locked_version(
-    repo: Repository, caller: Principal, key_name: str, version: int, reason: str
-) -> tuple[KeyRow, KeyVersionRow]:
-    """What cancelling and approving check first: the admin's scope, the input, then the key
-    and the version, both locked (a concurrent rotation or scheduler waits)."""
-    guards.require(caller, Role.ADMIN)
-    model.check_key_name(key_name)
-    guards.require_key(caller, Role.ADMIN, key_name)
-    model.check_version(version)
-    model.check_reason(reason)
-    key = guards.existing_key(repo, key_name, for_update=True)
-    return key, guards.existing_version(repo, key_name, version, for_update=True)
