@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from server.db.engine import sqlite_url
 from server.db.models import AuditEventRow, AuditHeadRow, BackupBindingRow, KeyRow, KeyVersionRow
-from server.db.repository import MetaStore
+from server.db.repository import AUDIT_DEFAULTS, MetaStore
 from server.domain.audit_chain import event_hash
 from server.domain.integrity import SealedKey, SealedVersion
 from server.domain.model import Action, Outcome, VersionOrigin, VersionState
@@ -253,13 +253,7 @@ class _Chain:
             "action": str(action),
             "outcome": str(Outcome.ALLOWED),
             "status_code": "OK",
-            "key_name": "",
-            "version": 0,
-            "from_version": 0,
-            "to_version": 0,
-            "backup_id": "",
-            "reason": "",
-            "detail": "",
+            **AUDIT_DEFAULTS,
             **fields,
         }
         digest = event_hash(self.previous, event)

@@ -400,7 +400,7 @@ class DataKeyStore:
         written = []
         for event in events:
             sequence += 1
-            fields = {**_AUDIT_DEFAULTS, **event, "sequence": sequence}
+            fields = {**AUDIT_DEFAULTS, **event, "sequence": sequence}
             fields["outcome"] = str(fields["outcome"])
             digest = event_hash(previous, fields)
             fields["previous_hash"], fields["event_hash"] = previous, digest
@@ -645,7 +645,7 @@ def sealed_version(row: KeyVersionRow) -> SealedVersion:
 
 
 # What an audit event says when a field does not concern it.
-_AUDIT_DEFAULTS: dict[str, Any] = {
+AUDIT_DEFAULTS: dict[str, Any] = {
     "key_name": "",
     "version": 0,
     "from_version": 0,
